@@ -1,0 +1,156 @@
+"""The local-feature extractor contract shared by every plug-in.
+
+A plug-in subclasses LocalExtractor, declares its typed config (`Conf`), its checkpoint
+(`weights_spec`) and licence, builds its network in `_init`, and implements `_extract` on an
+image already decoded and downscaled by the base class. The base class maps keypoints back to
+original-image pixels, sorts by score, keeps `max_keypoints`, and checks the output contract, once
+for every plug-in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from features.errors import ConfigError
+from features.image import ImageInput, load_image, resize_max, to_pixel_frame
+from features.types import LocalFeatures
+from features.weights import WeightSpec, resolve_weights
+
+logger = logging.getLogger(__name__)
+
+
+class StrictConf(BaseModel):
+    """A frozen config that rejects unknown keys (a typo raises instead of being ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class LocalConf(StrictConf):
+    """Knobs every local method has. Plug-ins subclass this with their own defaults."""
+
+    max_keypoints: int | None = 2048
+    """Keep at most this many keypoints (best scores first); None keeps all."""
+    resize_max: int | None = 1024
+    """Downscale so the longer side is at most this many pixels before extraction; None: never."""
+    weights: str | None = None
+    """Explicit checkpoint path; otherwise the standard resolution order (features.weights)."""
+
+
+def parse_conf(conf_cls: type[StrictConf], values: dict[str, Any], what: str) -> Any:
+    """Validate `values` against `conf_cls`, turning pydantic's report into one ConfigError line."""
+    try:
+        return conf_cls.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        valid = ", ".join(conf_cls.model_fields)
+        raise ConfigError(f"{what}: {problems} (valid options: {valid})") from None
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def image_to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(device)
+    return t.permute(2, 0, 1)[None].float().div_(255.0)
+
+
+class LocalExtractor(ABC):
+    """Base class of every local-feature plug-in.
+
+    Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free methods) and
+    implement `_init` (build the network, load weights) and `_extract`.
+    """
+
+    name: ClassVar[str]
+    Conf: ClassVar[type[LocalConf]] = LocalConf
+    licence: ClassVar[str] = ""
+    weights_spec: ClassVar[WeightSpec | None] = None
+    paper: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        conf: LocalConf | dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> None:
+        values = conf.model_dump() if isinstance(conf, BaseModel) else dict(conf or {})
+        values.update(overrides)
+        self.conf = parse_conf(self.Conf, values, f"local method '{self.name}'")
+        self.device = pick_device(device)
+        self.weights_path: Path | None = None
+        if self.weights_spec is not None:
+            self.weights_path = resolve_weights(self.weights_spec, self.conf.weights, what=self.name)
+        self._init()
+
+    @abstractmethod
+    def _init(self) -> None:
+        """Build the network and load `self.weights_path`."""
+
+    @abstractmethod
+    def _extract(self, image: np.ndarray) -> tuple[Any, Any, Any]:
+        """Extract from an (H, W, 3) uint8 RGB image.
+
+        Returns keypoints (N, 2) x, y in the pixels of `image`, scores (N,), descriptors (N, D),
+        as numpy arrays or tensors. Order and count are fixed by the base class.
+        """
+
+    @property
+    @abstractmethod
+    def descriptor_dim(self) -> int:
+        """D, the length of one descriptor."""
+
+    @torch.inference_mode()
+    def extract(self, image: ImageInput) -> LocalFeatures:
+        """Local features of one image, in original-image pixels (see features.types)."""
+        rgb = load_image(image)
+        h, w = rgb.shape[:2]
+        small, _ = resize_max(rgb, self.conf.resize_max)
+        kpts, scores, desc = (_numpy(x) for x in self._extract(small))
+        kpts = kpts.astype(np.float32).reshape(-1, 2)
+        if small.shape[:2] != (h, w):
+            kpts = to_pixel_frame(kpts, small.shape[1] / w, small.shape[0] / h)
+        desc = desc.astype(np.float32).reshape(len(kpts), -1)
+        norms = np.linalg.norm(desc, axis=1, keepdims=True)
+        desc = desc / np.maximum(norms, 1e-12)
+        feats = LocalFeatures(kpts, scores.astype(np.float32).reshape(-1), desc, (w, h))
+        order = np.argsort(-feats.scores, kind="stable")
+        feats = LocalFeatures(kpts[order], feats.scores[order], desc[order], (w, h))
+        return feats.top(self.conf.max_keypoints)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identity of everything that changes the features: method, config, weights content."""
+        conf = self.conf.model_dump(exclude={"weights"})
+        digest = _file_sha256(self.weights_path) if self.weights_path else None
+        blob = json.dumps({"method": self.name, "conf": conf, "weights": digest}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _numpy(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,43 @@
+"""Names -> plug-in classes. Explicit so that a grep finds every method.
+
+Plug-in modules are imported only when used, so a heavy or optional dependency of one method never
+slows down or breaks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from features.base import LocalExtractor
+from features.errors import ConfigError
+
+LOCAL_METHODS: dict[str, str] = {
+    "disk": "features.local.disk:DISK",
+    "superpoint": "features.local.superpoint:SuperPoint",
+    "magicpoint": "features.local.magicpoint:MagicPoint",
+    "d2net": "features.local.d2net:D2Net",
+    "r2d2": "features.local.r2d2:R2D2",
+    "sekd": "features.local.sekd:SEKD",
+    "aslfeat": "features.local.aslfeat:ASLFeat",
+    "mda": "features.local.mda:MDA",
+    "delg": "features.local.delg_local:DELGLocal",
+}
+
+
+def local_class(name: str) -> type[LocalExtractor]:
+    """The plug-in class registered as `name`; unknown names list the valid ones."""
+    key = name.lower()
+    if key not in LOCAL_METHODS:
+        raise ConfigError(
+            f"unknown local method '{name}' (available: {', '.join(sorted(LOCAL_METHODS))})"
+        )
+    module_name, cls_name = LOCAL_METHODS[key].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    assert issubclass(cls, LocalExtractor)
+    return cls
+
+
+def load_local(name: str, conf: dict[str, Any] | None = None, device: Any = None) -> LocalExtractor:
+    """Build the local extractor `name` with `conf` overrides on its defaults."""
+    return local_class(name)(conf or {}, device=device)

@@ -95,7 +95,9 @@ class LocalExtractor(ABC):
         self.device = pick_device(device)
         self.weights_path: Path | None = None
         if self.weights_spec is not None:
-            self.weights_path = resolve_weights(self.weights_spec, self.conf.weights, what=self.name)
+            self.weights_path = resolve_weights(
+                self.weights_spec, self.conf.weights, what=self.name
+            )
         self._init()
 
     @abstractmethod

@@ -16,7 +16,7 @@ class ConfigError(RetrError, ValueError):
 
 
 class ImageReadError(RetrError):
-    """An image could not be decoded or is unusable (corrupt, truncated, empty, too small, too big)."""
+    """An image could not be decoded or is unusable (corrupt, empty, too small, too big)."""
 
     def __init__(self, path: object, reason: str) -> None:
         self.path = str(path)
@@ -29,7 +29,7 @@ class WeightsNotFoundError(RetrError, FileNotFoundError):
 
 
 class CheckpointError(RetrError):
-    """A checkpoint was found but does not match the model (missing or unexpected keys, bad shapes)."""
+    """A checkpoint was found but does not match the model (wrong keys or shapes)."""
 
 
 class IndexError_(RetrError):

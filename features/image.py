@@ -11,7 +11,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,12 +21,12 @@ from features.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, np.ndarray, Image.Image]
+ImageInput = str | Path | np.ndarray | Image.Image
 
 MIN_SIDE = 32
-"""Smallest side (px) an image may have: below it no network here produces features."""
+"""Smallest side (px) accepted: below it no network here produces features."""
 MAX_PIXELS = 150_000_000
-"""Largest pixel count decoded (about 12k x 12k); bigger files are refused as decompression bombs."""
+"""Largest pixel count decoded (about 12k x 12k); bigger files are refused as bombs."""
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -57,7 +57,9 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageReadError(path, f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageReadError(path, f"corrupt or truncated image ({exc}); re-export the file") from None
+        raise ImageReadError(
+            path, f"corrupt or truncated image ({exc}); re-export the file"
+        ) from None
     return _check_size(_pil_to_rgb(pil, path, max_pixels), path)
 
 

@@ -41,3 +41,26 @@ def local_class(name: str) -> type[LocalExtractor]:
 def load_local(name: str, conf: dict[str, Any] | None = None, device: Any = None) -> LocalExtractor:
     """Build the local extractor `name` with `conf` overrides on its defaults."""
     return local_class(name)(conf or {}, device=device)
+
+
+# Global models: name -> (module:Class, config defaults that select the variant).
+GLOBAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "efficientnet-lite0": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite0"}),
+    "efficientnet-lite1": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite1"}),
+    "efficientnet-lite2": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite2"}),
+}
+DEFAULT_GLOBAL = "efficientnet-lite0"
+DEFAULT_LOCAL = "disk"
+
+
+def load_global(name: str, conf: dict[str, Any] | None = None, device: Any = None) -> Any:
+    """Build the global model `name` (features.delg.base.GlobalExtractor) with `conf` overrides."""
+    key = name.lower()
+    if key not in GLOBAL_MODELS:
+        raise ConfigError(
+            f"unknown global model '{name}' (available: {', '.join(sorted(GLOBAL_MODELS))})"
+        )
+    target, defaults = GLOBAL_MODELS[key]
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls({**defaults, **(conf or {})}, device=device)

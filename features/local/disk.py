@@ -62,12 +62,13 @@ class DiskUNet(nn.Module):
         super().__init__()
         cins = (3,) + DOWN_CHANNELS[:-1]
         self.path_down = nn.ModuleList(
-            DownBlock(ci, co, first=i == 0) for i, (ci, co) in enumerate(zip(cins, DOWN_CHANNELS))
+            DownBlock(ci, co, first=i == 0)
+            for i, (ci, co) in enumerate(zip(cins, DOWN_CHANNELS, strict=True))
         )
         skips = DOWN_CHANNELS[-2::-1]
         bottoms = (DOWN_CHANNELS[-1],) + UP_CHANNELS[:-1]
         self.path_up = nn.ModuleList(
-            UpBlock(b, s, o) for b, s, o in zip(bottoms, skips, UP_CHANNELS)
+            UpBlock(b, s, o) for b, s, o in zip(bottoms, skips, UP_CHANNELS, strict=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +76,7 @@ class DiskUNet(nn.Module):
         for block in self.path_down:
             x = block(x)
             feats.append(x)
-        for block, skip in zip(self.path_up, reversed(feats[:-1])):
+        for block, skip in zip(self.path_up, reversed(feats[:-1]), strict=True):
             x = block(x, skip)
         return x
 

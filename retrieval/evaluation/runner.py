@@ -1,0 +1,480 @@
+"""Evaluate a retr index on a dataset: global-only and reranked search side by side.
+
+    from retrieval.evaluation import open_dataset, run_eval, format_table
+    result = run_eval(open_dataset("roxford5k", "data/roxford5k"), "idx/roxford5k")
+    rich.print(format_table(result))
+
+The database is linked (symlinks) into `<index_dir>/corpus`, its labels written to
+`<index_dir>/eval_labels.csv`, and indexed there; a later run reuses the index when it already
+holds the database with those labels. Datasets may share an index: their links live side by side.
+Every query is searched over the whole database (up to `max_rank` results, default
+DEFAULT_MAX_RANK), once without and once with the local rerank, and scored with the dataset's
+metrics. Images that the index holds but the dataset does not are left out of the rankings;
+database images stored as duplicates of another file are ranked right after that file (their
+features are identical).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from features.base import parse_conf
+from features.errors import ConfigError, RetrError
+from index.layout import IndexConfig, IndexPaths
+from retrieval.api import Match, Retriever
+from retrieval.building import Progress
+from retrieval.evaluation.datasets import Dataset, Query, query_image
+from retrieval.evaluation.metrics import (
+    DEFAULT_KS,
+    Prediction,
+    RankingMetrics,
+    Relevance,
+    RevisitedGT,
+    global_average_precision,
+    ranking_metrics,
+    recognition_accuracy,
+    revisited_metrics,
+)
+from retrieval.evaluation.plots import plot
+from retrieval.recognition import UNKNOWN, vote
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EvalResult", "format_table", "plot", "run_eval", "write_json"]
+
+MODES = ("global", "rerank")
+CORPUS_DIR = "corpus"
+LABELS_NAME = "eval_labels.csv"
+RECOGNITION_K = 10
+"""Results the recognition vote looks at (Retriever.recognize's default)."""
+TOP_SHOWN = 10
+DEFAULT_MAX_RANK = 10_000
+"""Longest ranking fetched per query unless asked otherwise: the whole of ROxford / RParis, a
+lower bound of AP with R1M (positives beyond it add nothing)."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """One query. ap: mode -> protocol -> AP (None: no positive under that protocol)."""
+
+    name: str
+    ap: dict[str, dict[str, float | None]]
+    prediction: dict[str, Prediction | None]
+    top: dict[str, list[str]]
+    seconds: dict[str, float]
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ModeMetrics:
+    """Dataset-level scores of one search mode. gap / accuracy: None without labels."""
+
+    protocols: dict[str, RankingMetrics]
+    gap: float | None
+    accuracy: float | None
+    seconds_per_query: float
+    stage_seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    reused: bool
+    indexed: int = 0
+    unchanged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    dataset: str
+    protocols: tuple[str, ...]
+    n_database: int
+    n_queries: int
+    index_dir: str
+    config: dict[str, Any]
+    build: BuildInfo
+    modes: dict[str, ModeMetrics]
+    queries: list[QueryResult]
+    notes: list[str]
+
+
+def run_eval(
+    dataset: Dataset,
+    index_dir: str | Path,
+    rerank: bool = True,
+    local_method: str | None = None,
+    build_options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    *,
+    shortlist: int | None = None,
+    max_rank: int | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+) -> EvalResult:
+    """Index `dataset`'s database in `index_dir` if needed, run its queries, score them.
+
+    build_options: IndexConfig fields for a new index (local_method overrides its key); options
+    that contradict an existing index raise ConfigError. rerank=False runs the global search
+    only. progress(done, total, current) sees the build, then the queries ("query: <name>").
+    """
+    options = dict(build_options or {})
+    if local_method is not None:
+        options["local_method"] = local_method
+    retriever, build = prepare_index(dataset, Path(index_dir), options, progress)
+    modes = MODES if rerank else MODES[:1]
+    wanted = {im.rel for im in dataset.database}
+    ranker = _Ranker(retriever, wanted, max_rank, shortlist)
+    rankings: dict[str, list[list[str]]] = {m: [] for m in modes}
+    queries: list[QueryResult] = []
+    stages: dict[str, defaultdict[str, float]] = {m: defaultdict(float) for m in modes}
+    for done, q in enumerate(dataset.queries):
+        if progress:
+            progress(done, len(dataset.queries), f"query: {q.name}")
+        result, ranked = ranker.run(q, modes, stages)
+        queries.append(result)
+        for m in modes:
+            rankings[m].append(ranked[m])
+    if progress:
+        progress(len(dataset.queries), len(dataset.queries), "")
+    metrics = {m: _score_mode(dataset, rankings[m], queries, m, ks, stages[m]) for m in modes}
+    queries = _with_ap(queries, metrics)
+    return EvalResult(
+        dataset=dataset.name,
+        protocols=dataset.protocols,
+        n_database=len(dataset.database),
+        n_queries=len(dataset.queries),
+        index_dir=str(index_dir),
+        config=retriever.config.model_dump(),
+        build=build,
+        modes=metrics,
+        queries=queries,
+        notes=[*dataset.notes, *ranker.notes(), *_failure_notes(build, queries)],
+    )
+
+
+# --- index ---------------------------------------------------------------------------------------
+
+
+def prepare_index(
+    dataset: Dataset, index_dir: Path, options: dict[str, Any], progress: Progress | None
+) -> tuple[Retriever, BuildInfo]:
+    """Open the index when it already holds the database with its labels, else build it
+    incrementally (new files are extracted, known ones only relabelled)."""
+    paths = IndexPaths(index_dir)
+    if paths.exists():
+        config = paths.read_config()
+        _check_options(config, options, index_dir)
+        retriever = Retriever.open(index_dir)
+        known = {r.path: r.label for r in retriever.catalog.all()}
+        if all(im.rel in known and known[im.rel] == im.label for im in dataset.database):
+            return retriever, BuildInfo(reused=True)
+    corpus = link_corpus(dataset, index_dir / CORPUS_DIR)
+    labels = write_labels(dataset, index_dir / LABELS_NAME)
+    retriever = Retriever.build(corpus, index_dir, labels=labels, progress=progress, **options)
+    report = retriever.last_build
+    assert report is not None
+    return retriever, BuildInfo(
+        reused=False,
+        indexed=report.indexed,
+        unchanged=report.unchanged,
+        failed=list(report.failed),
+        duplicates=len(report.duplicates),
+        seconds=report.seconds,
+    )
+
+
+def _check_options(config: IndexConfig, options: dict[str, Any], index_dir: Path) -> None:
+    wanted = parse_conf(IndexConfig, {**config.model_dump(), **options}, "index options")
+    diff = sorted(k for k in options if getattr(wanted, k) != getattr(config, k))
+    if diff:
+        raise ConfigError(
+            f"{index_dir} was built with other settings ({', '.join(diff)} differ); "
+            "use another index directory, or drop those options"
+        )
+
+
+def link_corpus(dataset: Dataset, corpus: Path) -> Path:
+    """`corpus/<rel>` -> the database files (symlinks; copies where links are not allowed)."""
+    for im in dataset.database:
+        link = corpus / im.rel
+        target = im.path.resolve()
+        if link.is_symlink() and Path(os.readlink(link)) == target:
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        try:
+            link.symlink_to(target)
+        except OSError:  # e.g. Windows without the symlink privilege
+            shutil.copy2(target, link)
+    return corpus
+
+
+def write_labels(dataset: Dataset, path: Path) -> Path:
+    """The `path,label` CSV that retrieval.building.read_labels reads (unlabelled rows empty).
+
+    Rows of other datasets already in the file are kept: a build relabels every corpus file from
+    this CSV, and must not wipe the labels of another dataset sharing the index.
+    """
+    labels: dict[str, str] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            labels = {r["path"]: r["label"] for r in csv.DictReader(f)}
+    labels.update((im.rel, im.label or "") for im in dataset.database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows(sorted(labels.items()))
+    os.replace(tmp, path)
+    return path
+
+
+# --- queries -------------------------------------------------------------------------------------
+
+
+class _Ranker:
+    """Runs the searches of one evaluation and turns matches into database rankings."""
+
+    def __init__(
+        self, retriever: Retriever, wanted: set[str], max_rank: int | None, shortlist: int | None
+    ) -> None:
+        self.retriever = retriever
+        self.wanted = wanted
+        self.size = len(retriever.vectors)
+        self.depth = max(1, min(max_rank or DEFAULT_MAX_RANK, self.size))
+        self.shortlist = shortlist
+        self.aliases = _duplicate_aliases(retriever)
+        self.dropped: set[str] = set()
+
+    def run(
+        self, q: Query, modes: Sequence[str], stages: dict[str, defaultdict[str, float]]
+    ) -> tuple[QueryResult, dict[str, list[str]]]:
+        """(result without APs, mode -> ranking) of one query."""
+        ranked: dict[str, list[str]] = {m: [] for m in modes}
+        preds: dict[str, Prediction | None] = dict.fromkeys(modes)
+        seconds = dict.fromkeys(modes, 0.0)
+        error = None
+        try:
+            image = query_image(q)
+            for m in modes:
+                t0 = time.perf_counter()
+                matches = self.retriever.search(
+                    image, k=self.depth, rerank=(m == "rerank"), shortlist=self.shortlist
+                )
+                seconds[m] = time.perf_counter() - t0
+                for stage, s in self.retriever.last_timings.stages.items():
+                    stages[m][stage] += s
+                matches = [x for x in matches if self._inside(x.path)]
+                ranked[m] = self._expand(matches)
+                preds[m] = _predict(matches, m, q.junk)
+        except RetrError as exc:  # an unreadable query scores 0 instead of ending the run
+            logger.warning("query %s failed: %s", q.name, exc)
+            error = str(exc)
+        top = {m: ranked[m][:TOP_SHOWN] for m in modes}
+        return QueryResult(q.name, {}, preds, top, seconds, error), ranked
+
+    def _inside(self, path: str) -> bool:
+        """Whether an indexed path stands for a database image (itself or a duplicate of it)."""
+        if path in self.wanted or any(p in self.wanted for p in self.aliases.get(path, ())):
+            return True
+        self.dropped.add(path)
+        return False
+
+    def _expand(self, matches: list[Match]) -> list[str]:
+        out: list[str] = []
+        for x in matches:
+            out.extend(p for p in (x.path, *self.aliases.get(x.path, ())) if p in self.wanted)
+        return out
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.depth < self.size:
+            notes.append(f"rankings cut at {self.depth} of {self.size} images: AP is a lower bound")
+        if self.dropped:
+            notes.append(
+                f"{len(self.dropped)} indexed images are not in this dataset's database and "
+                "were left out of the rankings"
+            )
+        return notes
+
+
+def _failure_notes(build: BuildInfo, queries: list[QueryResult]) -> list[str]:
+    notes = []
+    if build.failed:
+        notes.append(f"{len(build.failed)} database images could not be indexed")
+    failed = [q.name for q in queries if q.error]
+    if failed:
+        notes.append(f"{len(failed)} queries failed and score 0 (first: {failed[0]})")
+    return notes
+
+
+def _duplicate_aliases(retriever: Retriever) -> dict[str, list[str]]:
+    """indexed path -> the paths of catalog records with the same content (not indexed)."""
+    by_hash: dict[str, list[Any]] = defaultdict(list)
+    for rec in retriever.catalog.all():
+        by_hash[rec.sha256].append(rec)
+    aliases: dict[str, list[str]] = {}
+    for recs in by_hash.values():
+        kept = [r for r in recs if r.status == "indexed"]
+        if kept and len(recs) > 1:
+            aliases[kept[0].path] = sorted(r.path for r in recs if r.status == "duplicate")
+    return aliases
+
+
+def _predict(matches: list[Match], mode: str, junk: Collection[str]) -> Prediction | None:
+    """Global: the label of the first result (1-NN), confidence its global score.
+    Rerank: the inlier-weighted vote of Retriever.recognize over the first results.
+    Junk results are ignored, as in the rankings: in leave-one-out mode the query itself is
+    indexed and would otherwise answer its own label."""
+    matches = [x for x in matches if x.path not in junk]
+    if mode == "global":
+        if not matches or not matches[0].label:
+            return None
+        return Prediction(matches[0].label, matches[0].global_score)
+    label, confidence, _ = vote(matches[:RECOGNITION_K])
+    return None if label == UNKNOWN else Prediction(label, confidence)
+
+
+# --- scores --------------------------------------------------------------------------------------
+
+
+def _score_mode(
+    dataset: Dataset,
+    rankings: list[list[str]],
+    results: list[QueryResult],
+    mode: str,
+    ks: Sequence[int],
+    stages: dict[str, float],
+) -> ModeMetrics:
+    """Metrics of one mode over all queries (rankings[i] belongs to dataset.queries[i])."""
+    if dataset.protocols == ("easy", "medium", "hard"):
+        gts = [RevisitedGT(q.easy, q.hard, q.junk) for q in dataset.queries]
+        protocols = revisited_metrics(rankings, gts, ks)
+    else:
+        rels = [Relevance(q.easy | q.hard, q.junk) for q in dataset.queries]
+        protocols = {"all": ranking_metrics(rankings, rels, ks)}
+    gap = accuracy = None
+    if dataset.has_labels:
+        solution = {q.name: q.labels or frozenset() for q in dataset.queries}
+        preds = {r.name: r.prediction.get(mode) for r in results}
+        gap = global_average_precision(preds, solution)
+        accuracy = recognition_accuracy(preds, solution)
+    n = max(1, len(results))
+    return ModeMetrics(
+        protocols=protocols,
+        gap=gap,
+        accuracy=accuracy,
+        seconds_per_query=sum(r.seconds.get(mode, 0.0) for r in results) / n,
+        stage_seconds={k: v / n for k, v in sorted(stages.items())},
+    )
+
+
+def _with_ap(results: list[QueryResult], metrics: dict[str, ModeMetrics]) -> list[QueryResult]:
+    """Copy each query's AP (per mode and protocol) from the metrics' per-query lists."""
+    return [
+        replace(
+            r,
+            ap={
+                m: {p: pm.per_query_ap[i] for p, pm in mm.protocols.items()}
+                for m, mm in metrics.items()
+            },
+        )
+        for i, r in enumerate(results)
+    ]
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+def summary_rows(result: EvalResult) -> list[tuple[str, list[float | None]]]:
+    """(metric name, value per mode in result.modes order) rows, in percent where a rate."""
+    modes = list(result.modes.values())
+    if not modes:
+        return []
+    rows: list[tuple[str, list[float | None]]] = []
+    revisited = result.protocols == ("easy", "medium", "hard")
+    for p in result.protocols:
+        prefix = f"{p[0].upper()} " if revisited else ""
+        first = modes[0].protocols[p]
+        rows.append((f"{prefix}mAP", [_pct(m.protocols[p].map) for m in modes]))
+        rows += [(f"{prefix}mP@{k}", [_pct(m.protocols[p].mp[k]) for m in modes]) for k in first.mp]
+        if not revisited:
+            rows += [
+                (f"recall@{k}", [_pct(m.protocols[p].recall[k]) for m in modes])
+                for k in first.recall
+            ]
+    if modes[0].gap is not None:
+        rows.append(("GAP", [_pct(m.gap) for m in modes]))
+        rows.append(("accuracy", [_pct(m.accuracy) for m in modes]))
+    rows.append(("s / query", [m.seconds_per_query for m in modes]))
+    return rows
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None or math.isnan(value) else 100.0 * value
+
+
+def format_table(result: EvalResult) -> Any:
+    """A rich Table: one row per metric, one column per mode, and the reranking gain."""
+    from rich.table import Table
+
+    modes = list(result.modes)
+    table = Table(
+        title=f"{result.dataset}: {result.n_queries} queries, {result.n_database} database images"
+    )
+    table.add_column("metric")
+    for m in modes:
+        table.add_column(m, justify="right")
+    if len(modes) == 2:
+        table.add_column("gain", justify="right")
+    for name, values in summary_rows(result):
+        cells = ["-" if v is None else f"{v:.2f}" for v in values]
+        if len(values) == 2:
+            a, b = values
+            cells.append("-" if a is None or b is None else f"{b - a:+.2f}")
+        table.add_row(name, *cells)
+    return table
+
+
+def to_dict(result: EvalResult) -> dict[str, Any]:
+    """JSON-ready dict (NaN -> None; per-query APs only under `queries`)."""
+    data = asdict(result)
+    for mode in data["modes"].values():
+        for metrics in mode["protocols"].values():
+            metrics.pop("per_query_ap", None)
+    return _clean(data)
+
+
+def write_json(result: EvalResult, path: str | Path) -> Path:
+    """Write the result as JSON (temp file + os.replace)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(to_dict(result), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+    return path
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value

@@ -1,0 +1,88 @@
+"""DELG local features (Cao, Araujo, Sim: "Unifying Deep Local and Global Features for Image
+Search", ECCV 2020) as a retr local plug-in.
+
+The official extractor (tensorflow/models `research/delf`) on a ResNet-50/101 DELG model:
+PIL-bilinear pre-resize to a longer side of 1024, a 7-level image pyramid (0.25 ... 2), an
+attention score per block3 cell (stride 32) with the official threshold, 128-D descriptors from
+the autoencoder's reduction layer, the best 1000 by score. See features.delg.official for every
+step and features.delg.model for global + local features from a shared forward pass.
+
+Keypoints: the official (y, x) cell centres 32 i / s, swapped to retr's (x, y); the official frame
+already has the centre of the top-left pixel at 0.
+
+Weights: a retr checkpoint converted from the official TensorFlow release (Apache-2.0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from features.base import LocalConf, LocalExtractor
+from features.delg import official
+from features.delg.model import Dataset, Depth, load_net, to_local_features
+
+
+class DELGLocalConf(LocalConf):
+    max_keypoints: int | None = 1000
+    """Official max_feature_num."""
+    resize_max: int | None = None
+    """None: DELG pre-resizes itself, to `max_image_size` with PIL bilinear as the official
+    extractor does; set it only to add retr's generic downscale in front."""
+    max_image_size: int | None = 1024
+    """Official max_image_size (longer side after the pre-resize); None: never resize."""
+    depth: Depth = 50
+    dataset: Dataset = "gldv2-clean"
+    """Training set of the official model: GLDv2-clean or GLDv1 (selects weights, threshold)."""
+    scales: tuple[float, ...] = official.IMAGE_SCALES
+    """Pyramid levels, official image_scales."""
+    score_threshold: float | None = None
+    """Keep cells whose attention is >= this; None: the official config's for depth/dataset
+    (r50: 454.6 GLDv2-clean, 175.0 GLDv1; r101: 357.48, 166.1)."""
+
+
+class DELGLocal(LocalExtractor):
+    """DELG attention-selected keypoints with 128-D descriptors. Licence: Apache-2.0."""
+
+    name = "delg"
+    Conf = DELGLocalConf
+    licence = "Apache-2.0"
+    paper = "Cao et al., Unifying Deep Local and Global Features for Image Search, ECCV 2020"
+    weights_spec = None  # depends on depth/dataset: resolved in _init from the preset
+    conf: DELGLocalConf
+
+    def _init(self) -> None:
+        self.preset = official.preset_for(self.conf.depth, self.conf.dataset)
+        what = f"{self.name}-r{self.conf.depth}"
+        self.net, self.weights_path = load_net(self.preset, self.conf.weights, self.device, what)
+
+    @property
+    def descriptor_dim(self) -> int:
+        return 128
+
+    @property
+    def settings(self) -> official.Settings:
+        """This config in the official extractor's terms (global scales unused here)."""
+        threshold = self.conf.score_threshold
+        return official.Settings(
+            image_scales=self.conf.scales,
+            global_scales_ind=(),
+            score_threshold=(
+                self.preset.settings.score_threshold if threshold is None else threshold
+            ),
+            max_feature_num=self.conf.max_keypoints or np.iinfo(np.int32).max,
+            max_image_size=self.conf.max_image_size,
+        )
+
+    @torch.inference_mode()
+    def dense(self, image: np.ndarray, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw outputs at one pyramid level of an (H, W, 3) uint8 image (no pre-resize):
+        attention scores (h, w) and the local feature map (128, h, w) before normalisation."""
+        x = official.resize_level(official.normalise(image, self.device), scale)
+        prob, local = self.net.local_head(self.net.block3(x))
+        return prob[0], local[0]
+
+    def _extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feats = official.extract(self.net, image, self.settings, want_global=False)
+        local = to_local_features(feats, (image.shape[1], image.shape[0]))
+        return local.keypoints, local.scores, local.descriptors

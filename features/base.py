@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from features.errors import ConfigError
 from features.image import ImageInput, load_image, resize_max, to_pixel_frame
@@ -44,6 +44,13 @@ class LocalConf(StrictConf):
     """Downscale so the longer side is at most this many pixels before extraction; None: never."""
     weights: str | None = None
     """Explicit checkpoint path; otherwise the standard resolution order (features.weights)."""
+
+    @field_validator("max_keypoints", "resize_max", check_fields=False)
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be a positive number of keypoints/pixels, or None")
+        return value
 
 
 def parse_conf(conf_cls: type[StrictConf], values: dict[str, Any], what: str) -> Any:

@@ -22,7 +22,7 @@ class IndexConfig(StrictConf):
     global_conf: dict[str, Any] = {}
     local_method: str = DEFAULT_LOCAL
     local_conf: dict[str, Any] = {}
-    whitening_shrinkage: float = 0.5
+    whitening_shrinkage: float = 0.9
     """Eigenvalue shrinkage of the corpus PCA whitening (0 = plain whitening, 1 = none)."""
     index_type: str = "Flat"
     """FAISS factory string of the vector index (after the IDMap)."""

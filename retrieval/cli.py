@@ -231,5 +231,18 @@ def features_list() -> None:
     console.print(table)
 
 
+@convert_app.command("aslfeat")
+def convert_aslfeat(
+    src: Annotated[Path, typer.Argument(help="Official TF checkpoint (prefix, .index or folder).")],
+    out: Annotated[Path, typer.Argument(help="PyTorch checkpoint to write (e.g. aslfeat_v2.pt).")],
+) -> None:
+    """Convert the official ASLFeat TensorFlow checkpoint (needs `pip install 'retr[tf]'`)."""
+    from features.convert.aslfeat import convert_aslfeat as convert
+
+    with cli_errors():
+        written = convert(src, out)
+    console.print(f"wrote {written}")
+
+
 if __name__ == "__main__":
     app()

@@ -48,6 +48,8 @@ GLOBAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "efficientnet-lite0": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite0"}),
     "efficientnet-lite1": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite1"}),
     "efficientnet-lite2": ("features.delg.efficientnet:EfficientNetDELG", {"variant": "lite2"}),
+    "delg-r50": ("features.delg.model:DelgResNet", {"depth": 50}),
+    "delg-r101": ("features.delg.model:DelgResNet", {"depth": 101}),
 }
 DEFAULT_GLOBAL = "efficientnet-lite0"
 DEFAULT_LOCAL = "disk"

@@ -244,5 +244,55 @@ def convert_aslfeat(
     console.print(f"wrote {written}")
 
 
+@convert_app.command("delg")
+def convert_delg(
+    src: Annotated[Path, typer.Argument(help="Exported DELG SavedModel dir or checkpoint prefix.")],
+    out: Annotated[Path, typer.Argument(help="PyTorch checkpoint to write.")],
+    reference: Annotated[
+        Path | None, typer.Option(help="SavedModel for the self-check (default: SRC).")
+    ] = None,
+    probe: Annotated[Path | None, typer.Option(help="Probe image for the self-check.")] = None,
+) -> None:
+    """Convert an official DELG model (needs `pip install 'retr[tf]'`); refuses to write when
+    the converted model disagrees with TensorFlow on a probe image."""
+    from features.convert.delg import convert_delg as convert
+
+    with cli_errors():
+        written = convert(src, out, probe_image=probe, reference=reference)
+    console.print(f"wrote {written}")
+
+
+@app.command("eval")
+def evaluate(
+    dataset: Annotated[str, typer.Argument(help="mini, roxford5k, rparis6k or gldv2.")],
+    data: Annotated[Path, typer.Option(help="Dataset root folder.")],
+    index: IndexOpt = DEFAULT_INDEX,
+    no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global ranking only.")] = False,
+    local: Annotated[str | None, typer.Option(help="Local method for a new index.")] = None,
+    as_json: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a per-query AP plot here.")] = None,
+    queries: Annotated[
+        str | None, typer.Option(help="mini only: 'first' (held out) or 'all'.")
+    ] = None,
+) -> None:
+    """Evaluate retrieval and recognition on a standard benchmark, global-only vs reranked."""
+    from retrieval.evaluation.datasets import open_dataset
+    from retrieval.evaluation.plots import plot as draw
+    from retrieval.evaluation.runner import format_table, run_eval, write_json
+
+    options = {"queries": queries} if queries else {}
+    with cli_errors():
+        ds = open_dataset(dataset, data, **options)
+        with progress_bar("evaluating") as update:
+            result = run_eval(ds, index, rerank=not no_rerank, local_method=local, progress=update)
+        console.print(format_table(result))
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
+        if as_json is not None:
+            console.print(f"wrote {write_json(result, as_json)}")
+        if plot is not None:
+            console.print(f"wrote {draw(result, plot)}")
+
+
 if __name__ == "__main__":
     app()

@@ -51,7 +51,7 @@ GLOBAL_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "delg-r50": ("features.delg.model:DelgResNet", {"depth": 50}),
     "delg-r101": ("features.delg.model:DelgResNet", {"depth": 101}),
 }
-DEFAULT_GLOBAL = "efficientnet-lite0"
+DEFAULT_GLOBAL = "efficientnet-lite2"
 DEFAULT_LOCAL = "disk"
 
 

@@ -7,9 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pydantic import field_validator
+
 from features.base import StrictConf
 from features.errors import IndexError_
 from features.registry import DEFAULT_GLOBAL, DEFAULT_LOCAL
+from index.store import check_local_dtype
 
 CONFIG_NAME = "retr.json"
 
@@ -24,13 +27,20 @@ class IndexConfig(StrictConf):
     local_conf: dict[str, Any] = {}
     whitening_shrinkage: float = 0.9
     """Eigenvalue shrinkage of the corpus PCA whitening (0 = plain whitening, 1 = none)."""
-    index_type: str = "Flat"
-    """FAISS factory string of the vector index (after the IDMap)."""
+    index_type: str = "auto"
+    """FAISS factory string of the vector index ("Flat", "HNSW32", "OPQ64_256,IVF4096,PQ64"...),
+    or "auto": chosen by corpus size at each build (index.vectors.choose_factory)."""
     local_dtype: str = "float16"
-    """Storage type of local descriptors in the feature store."""
+    """Encoding of local descriptors in the feature store: float16, float32, int8, pq or pq<M>
+    (index.store)."""
     db_url: str | None = None
     """SQLAlchemy URL of the catalog; None = catalog.sqlite inside the index directory."""
     corpus: str | None = None
+
+    @field_validator("local_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        return check_local_dtype(value)
 
 
 class IndexPaths:

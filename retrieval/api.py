@@ -23,12 +23,12 @@ from features.registry import load_global, load_local
 from features.types import LocalFeatures
 from index.catalog import Catalog
 from index.layout import IndexConfig, IndexPaths
-from index.store import FeatureStore
+from index.store import LocalFeatureStore
 from index.vectors import VectorIndex
 from index.whitening import Whitening
-from retrieval.building import BuildReport, Progress, build_index
+from retrieval.building import BuildReport, Progress, build_index, shares_pass
 from retrieval.recognition import vote
-from retrieval.rerank import Candidate, RerankConf, Timings, stored_features
+from retrieval.rerank import Candidate, RerankConf, Timings
 from retrieval.rerank import rerank as rerank_shortlist
 
 logger = logging.getLogger(__name__)
@@ -101,12 +101,14 @@ class Retriever:
         return load_local(self.config.local_method, self.config.local_conf, self.device)
 
     @cached_property
-    def local_store(self) -> FeatureStore:
-        return FeatureStore(self.paths.local_store, "local", self.local.fingerprint, readonly=True)
+    def local_store(self) -> LocalFeatureStore:
+        return LocalFeatureStore(self.paths.local_store, self.local.fingerprint, readonly=True)
 
     def load_local(self, image_id: int) -> LocalFeatures:
-        size = self.local_store.attrs(image_id)["image_size"]
-        return stored_features(self.local_store.get(image_id), (int(size[0]), int(size[1])))
+        return self.local_store.get_features(image_id)
+
+    def load_local_many(self, image_ids: list[int]) -> list[LocalFeatures]:
+        return self.local_store.get_features_many(image_ids)
 
     def search(
         self,
@@ -125,20 +127,37 @@ class Retriever:
         timings = Timings()
         rgb = load_image(image)
         t0 = time.perf_counter()
-        desc = self.whitening.apply(self.global_model.extract(rgb))
+        query: LocalFeatures | None = None
+        if rerank and shares_pass(self.global_model, self.local):
+            raw, query = self.global_model.extract_all(rgb)
+            timings.add("global+local (shared pass)", time.perf_counter() - t0)
+        else:
+            raw = self.global_model.extract(rgb)
+            timings.add("global", time.perf_counter() - t0)
+            if rerank:
+                t_local = time.perf_counter()
+                query = self.local.extract(rgb)
+                timings.add("local", time.perf_counter() - t_local)
+        t0 = time.perf_counter()
+        desc = self.whitening.apply(raw)
         t1 = time.perf_counter()
         scores, ids = self.vectors.search(desc[None], max(conf.shortlist, k))
         t2 = time.perf_counter()
-        timings.add("global", t1 - t0)
         timings.add("faiss", t2 - t1)
         cands = [
             Candidate(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0
         ]
         if rerank and cands:
-            t3 = time.perf_counter()
-            query = self.local.extract(rgb)
-            timings.add("local", time.perf_counter() - t3)
-            head = rerank_shortlist(query, cands[: conf.shortlist], self.load_local, conf, timings)
+            assert query is not None
+            head = rerank_shortlist(
+                query,
+                cands[: conf.shortlist],
+                self.load_local,
+                conf,
+                timings,
+                load_many=self.load_local_many,
+                device=self.device,
+            )
             cands = head + cands[conf.shortlist :]
         self.last_timings = timings
         return self._matches(cands[:k])

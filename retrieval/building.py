@@ -12,7 +12,9 @@ import csv
 import hashlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,10 @@ from features.base import LocalExtractor
 from features.errors import ConfigError, ImageReadError, RetrError
 from features.image import load_image
 from features.registry import load_global, load_local
+from features.types import LocalFeatures
 from index.catalog import Catalog, ImageRecord, Status
 from index.layout import IndexConfig, IndexPaths
-from index.store import FeatureStore
+from index.store import FeatureStore, LocalFeatureStore
 from index.vectors import VectorIndex
 from index.whitening import Whitening
 
@@ -81,6 +84,29 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def extract_both(
+    global_model: Any, local: LocalExtractor, rgb: np.ndarray
+) -> tuple[np.ndarray, LocalFeatures]:
+    """Global descriptor and local features of one image, sharing the forward passes when
+    `shares_pass` allows it."""
+    if shares_pass(global_model, local):
+        return global_model.extract_all(rgb)  # type: ignore[no-any-return]
+    return global_model.extract(rgb), local.extract(rgb)
+
+
+def shares_pass(global_model: Any, local: LocalExtractor) -> bool:
+    """True when the global model is DELG and the local method is DELG's own branch with the
+    same weights, pyramid and selection: then one forward pass per scale feeds both heads (as
+    the paper intends) instead of two."""
+    if local.name != "delg" or not hasattr(global_model, "extract_all"):
+        return False
+    if local.weights_path != global_model.weights_path:
+        return False
+    a, b = global_model.settings, local.settings  # type: ignore[attr-defined]
+    fields = ("image_scales", "score_threshold", "max_feature_num", "max_image_size")
+    return all(getattr(a, f) == getattr(b, f) for f in fields)
+
+
 class Builder:
     """Holds the open models and stores of one build."""
 
@@ -96,11 +122,11 @@ class Builder:
             self.global_model.fingerprint,
             {"model": config.global_model, **self.global_model.conf.model_dump()},
         )
-        self.lstore = FeatureStore(
+        self.lstore = LocalFeatureStore(
             paths.local_store,
-            "local",
             self.local.fingerprint,
             {"method": config.local_method, **self.local.conf.model_dump()},
+            dtype=config.local_dtype,
         )
 
     def close(self) -> None:
@@ -117,18 +143,24 @@ class Builder:
         )
 
     def add_file(
-        self, path: Path, rel: str, label: str | None, rec: ImageRecord | None, sha: str
+        self,
+        path: Path,
+        rel: str,
+        label: str | None,
+        rec: ImageRecord | None,
+        sha: str,
+        image: Callable[[], np.ndarray] | None = None,
     ) -> tuple[Status, str | None]:
-        """Extract and store one file; returns its status and the reason when not indexed."""
+        """Extract and store one file; returns its status and the reason when not indexed.
+        `image()`, when given, returns the file already decoded (or raises what decoding did)."""
         dup = self.catalog.find_indexed_by_hash(sha)
         if dup is not None and dup.path != rel:
             reason = f"same content as {dup.path}"
             self._record(rec, rel, sha, label, Status.DUPLICATE, reason)
             return Status.DUPLICATE, reason
         try:
-            rgb = load_image(path)
-            desc = self.global_model.extract(rgb)
-            feats = self.local.extract(rgb)
+            rgb = image() if image is not None else load_image(path)
+            desc, feats = extract_both(self.global_model, self.local, rgb)
         except ImageReadError as exc:
             self._record(rec, rel, sha, label, Status.FAILED, exc.reason)
             return Status.FAILED, exc.reason
@@ -143,15 +175,8 @@ class Builder:
         saved = self._record(
             rec, rel, sha, label, Status.FAILED, "interrupted while writing", size=(w, h)
         )
-        dtype = np.dtype(self.config.local_dtype)
         self.gstore.put(saved.id, descriptor=desc.astype(np.float32))
-        self.lstore.put(
-            saved.id,
-            attrs={"image_size": feats.image_size},
-            keypoints=feats.keypoints.astype(np.float32),
-            scores=feats.scores.astype(np.float32),
-            descriptors=feats.descriptors.astype(dtype),
-        )
+        self.lstore.put_features(saved.id, feats)  # encoded as config.local_dtype
         self._record(saved, rel, sha, label, Status.INDEXED, None, size=(w, h))
         return Status.INDEXED, None
 
@@ -196,6 +221,7 @@ class Builder:
             self.paths.vectors
         )
         self.gstore.flush()
+        self.lstore.finalize()  # a product quantiser is trained once the corpus is known
         self.lstore.flush()
         return len(ids)
 
@@ -239,10 +265,10 @@ def build_index(
     report = BuildReport()
     try:
         known = builder.catalog.by_path()
-        for done, (path, rel, label) in enumerate(files):
+        for done, (path, rel, label, prepared) in enumerate(prefetch(files, known)):
             if progress:
                 progress(done, len(files), rel)
-            _process(builder, report, path, rel, label, known.get(rel))
+            _process(builder, report, path, rel, label, known.get(rel), prepared)
         report.total_indexed = builder.finish()
     finally:
         builder.close()
@@ -252,6 +278,45 @@ def build_index(
     return report
 
 
+Prepared = tuple[str, Callable[[], np.ndarray] | None]
+"""(sha256, image()) of a file hashed ahead of time; image is None when the catalog says the file
+is unchanged (nothing to extract), and image() re-raises what decoding raised."""
+PREFETCH = 4
+"""Files hashed and decoded ahead of extraction (hashlib and Pillow release the GIL, so two
+threads overlap them with the model's forward passes)."""
+
+
+def prefetch(
+    files: list[tuple[Path, str, str | None]], known: dict[str, ImageRecord]
+) -> Iterator[tuple[Path, str, str | None, Future[Prepared]]]:
+    """The files in order, each with its `_prepare` job, PREFETCH files ahead."""
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[Path, str, str | None, Future[Prepared]]] = deque()
+        for path, rel, label in files:
+            pending.append((path, rel, label, pool.submit(_prepare, path, known.get(rel))))
+            if len(pending) > PREFETCH:
+                yield pending.popleft()
+        yield from pending
+
+
+def _prepare(path: Path, rec: ImageRecord | None) -> Prepared:
+    sha = sha256_of(path)  # OSError reaches _process through the future
+    if rec is not None and rec.sha256 == sha and rec.status == Status.INDEXED.value:
+        return sha, None
+    try:
+        rgb = load_image(path)
+    except Exception as exc:  # raised again inside add_file, whose handlers decide
+        return sha, _raiser(exc)
+    return sha, lambda: rgb
+
+
+def _raiser(exc: Exception) -> Callable[[], np.ndarray]:
+    def fail() -> np.ndarray:
+        raise exc
+
+    return fail
+
+
 def _process(
     builder: Builder,
     report: BuildReport,
@@ -259,9 +324,10 @@ def _process(
     rel: str,
     label: str | None,
     rec: ImageRecord | None,
+    prepared: Future[Prepared] | None = None,
 ) -> None:
     try:
-        sha = sha256_of(path)
+        sha, image = prepared.result() if prepared is not None else (sha256_of(path), None)
     except OSError as exc:
         report.failed.append((rel, f"unreadable file: {exc}"))
         return
@@ -272,13 +338,17 @@ def _process(
             )
         report.unchanged += 1
         return
-    status, reason = builder.add_file(path, rel, label, rec, sha)
+    status, reason = builder.add_file(path, rel, label, rec, sha, image)
     if status == Status.INDEXED:
         report.indexed += 1
     elif status == Status.DUPLICATE:
         report.duplicates.append((rel, reason or ""))
     else:
         report.failed.append((rel, reason or ""))
+
+
+REBUILT = {"index_type"}
+"""Options a later build may change: what they decide is rebuilt from the stores every time."""
 
 
 def _settle_config(paths: IndexPaths, options: dict[str, Any], corpus: Path) -> IndexConfig:
@@ -289,10 +359,12 @@ def _settle_config(paths: IndexPaths, options: dict[str, Any], corpus: Path) -> 
         return parse_conf(IndexConfig, {**options, "corpus": str(corpus)}, "index options")
     existing = paths.read_config()
     wanted = parse_conf(IndexConfig, {**existing.model_dump(), **options}, "index options")
-    diff = sorted(k for k in options if getattr(wanted, k) != getattr(existing, k))
+    diff = sorted(
+        k for k in options if getattr(wanted, k) != getattr(existing, k) and k not in REBUILT
+    )
     if diff:
         raise ConfigError(
             f"{paths.root} was built with other settings ({', '.join(diff)} differ); "
             "use a new --index directory, or drop those options to reuse its settings"
         )
-    return existing
+    return wanted if any(k in REBUILT for k in options) else existing

@@ -93,6 +93,14 @@ def index_build(
     labels: Annotated[Path | None, typer.Option(help="CSV with columns path,label.")] = None,
     db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Local-method checkpoint path.")] = None,
+    index_type: Annotated[
+        str | None,
+        typer.Option(help="FAISS index: auto (by corpus size), Flat, HNSW32, or a factory string."),
+    ] = None,
+    local_dtype: Annotated[
+        str | None,
+        typer.Option(help="Local descriptor storage: float16, float32, int8, pq or pq<M>."),
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -116,6 +124,10 @@ def index_build(
         options["local_conf"] = local_conf
     if db is not None:
         options["db_url"] = db
+    if index_type is not None:
+        options["index_type"] = index_type
+    if local_dtype is not None:
+        options["local_dtype"] = local_dtype
     with cli_errors():
         if quiet:
             report = build_index(corpus, index, options, labels_csv=labels, device=device)
@@ -155,6 +167,78 @@ def index_info(
     for name, size in info["bytes"].items():
         table.add_row(f"size {name}", f"{size / 1e6:.2f} MB")
     console.print(table)
+
+
+def _print_update(report: Any, index: Path) -> None:
+    hidden = f"; {report.tombstones} vectors hidden until the next build" * bool(report.tombstones)
+    console.print(
+        f"{len(report.added)} added, {len(report.updated)} updated, {report.unchanged} "
+        f"unchanged, {len(report.removed)} removed, {len(report.failed)} failed, "
+        f"{len(report.duplicates)} duplicates in {index}{hidden}"
+    )
+    for path, reason in report.failed + report.duplicates:
+        console.print(f"  skipped {path}: {reason}", highlight=False)
+    for target in report.not_found:
+        console.print(f"  not in the index: {target}", highlight=False)
+
+
+@index_app.command("add")
+def index_add(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders to add.")],
+    index: IndexOpt = DEFAULT_INDEX,
+    label: Annotated[
+        str | None, typer.Option(help="Label of every added image (default: sub-folder name).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Add images to a built index without rebuilding it (changed files are re-extracted)."""
+    from retrieval.updating import add_images
+
+    with cli_errors():
+        if quiet:
+            report = add_images(index, paths, label, device=device)
+        else:
+            with progress_bar("adding") as update:
+                report = add_images(index, paths, label, update, device)
+    _print_update(report, index)
+
+
+@index_app.command("remove")
+def index_remove(
+    targets: Annotated[
+        list[str], typer.Argument(help="Catalog ids, or image paths / folders to remove.")
+    ],
+    index: IndexOpt = DEFAULT_INDEX,
+) -> None:
+    """Remove images from the catalog, the feature stores and the vector index."""
+    from retrieval.updating import remove_images
+
+    with cli_errors():
+        report = remove_images(index, targets)
+    _print_update(report, index)
+
+
+@index_app.command("update")
+def index_update(
+    paths: Annotated[
+        list[Path] | None, typer.Argument(help="Files or folders to re-check (default: all).")
+    ] = None,
+    index: IndexOpt = DEFAULT_INDEX,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Re-extract indexed files whose content changed and drop those that are gone; the
+    whitening is refitted only by `retr index build`."""
+    from retrieval.updating import update_images
+
+    with cli_errors():
+        if quiet:
+            report = update_images(index, paths or (), device=device)
+        else:
+            with progress_bar("updating") as update:
+                report = update_images(index, paths or (), update, device)
+    _print_update(report, index)
 
 
 @app.command("query")

@@ -5,11 +5,13 @@ the corpus size N when the index is built (`choose_factory`):
 
     N < 50_000              "Flat"                     exact; 4*D bytes/vector; brute force is
                                                        a few ms per query at this size
-    50_000 <= N < 1_000_000 "HNSW32"                   graph search, recall@10 ~0.99 with
-                                                       efSearch 128; (4*D + ~300) bytes/vector
-    N >= 1_000_000          "OPQ{m}_{d},IVF{nlist},PQ{m}"  rotation + inverted lists + PQ codes:
-                                                       m bytes/vector; nlist ~ 4*sqrt(N) (power of
-                                                       two), nprobe = nlist/8
+    50_000 <= N < 1_000_000 "HNSW32"                   graph search with efSearch 128: recall@10
+                                                       0.99 at 100k (scripts/bench_index.py);
+                                                       (4*D + ~300) bytes/vector; cannot remove
+    N >= 1_000_000          "OPQ{m}_{d},IVF{nlist},PQ{m}"  OPQ rotation to d <= 256 dims, inverted
+                                                       lists, PQ codes of m = d/4 bytes/vector;
+                                                       nlist ~ 4*sqrt(N) (a power of two),
+                                                       nprobe = nlist/8
 
 Indexes that are trained (IVF, PQ, OPQ) learn on the corpus vectors given to `build`. Flat and
 graph indexes are wrapped in an IDMap2 so FAISS ids are catalog ids; IVF indexes store ids
@@ -21,9 +23,10 @@ to -1: searches skip it, it is saved with the index, and `retr index build` purg
 rebuilding. Search asks FAISS for more than k results while tombstones crowd out live ones (at
 most k + tombstones), so k live ones come back.
 
-Saved atomically (temp file + os.replace). Searches run on a GPU when a FAISS GPU build and a
-CUDA device are present; the CPU index stays the master copy that is edited and saved, and the
-GPU copy is refreshed after every change.
+Saved atomically (temp file + os.replace). With a FAISS GPU build and a CUDA device, an IVF's
+k-means trains on the GPUs and searches run on a GPU copy of the index; the CPU index stays the
+master that is edited and saved, and the GPU copy is refreshed after every change. Only the CPU
+path is tested.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ class RerankConf(StrictConf):
     """Lowe ratio test on top of mutual nearest neighbours (None: off)."""
     ransac: RansacConf = RansacConf()
     workers: int | None = None
-    """Threads verifying candidates in parallel (None: one per CPU core); results do not depend
-    on it."""
+    """Threads matching and verifying chunks of candidates (None: one per CPU core); results do
+    not depend on it."""
 
 
 @dataclass(frozen=True)

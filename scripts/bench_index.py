@@ -66,8 +66,10 @@ def bench_type(
     in_100 = np.mean([len(set(g) & set(t)) / 10 for g, t in zip(got, truth, strict=True)])
     batch = per_second(lambda: index.search(q, 10), len(q), 3)
     single = q[:200]
-    ours = per_second(lambda: [index.search(v[None], 10) for v in single], len(single), 3)
-    bare = per_second(lambda: [index.index.search(v[None], 10) for v in single], len(single), 3)
+    ours, bare = 0.0, 0.0
+    for _ in range(5):  # alternated, best of each: a busy machine slows whichever runs alone
+        ours = max(ours, per_second(lambda: [index.search(v[None], 10) for v in single], 200))
+        bare = max(bare, per_second(lambda: [index.index.search(v[None], 10) for v in single], 200))
     return [
         factory, f"{build:.1f}", f"{size / len(x):.0f}", f"{batch:,.0f}", f"{ours:,.0f}",
         f"{recall:.3f}", f"{in_100:.3f}", f"{bare / ours:.3f}",

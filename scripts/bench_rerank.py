@@ -162,13 +162,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--queries", default="first", help="landmarks-mini query mode: first|all")
     parser.add_argument("--dtypes", default="", help="e.g. float16,int8,pq (first = baseline)")
+    parser.add_argument("--skip-speed", action="store_true", help="only the encodings part")
     args = parser.parse_args()
 
     dataset = landmarks_mini(args.data, queries=args.queries)
     retriever, build = prepare_index(dataset, args.index, {}, None)
     if not build.reused:
         console.print(f"built {build.indexed} images in {build.seconds:.1f} s")
-    speed(retriever, dataset, args)
+    if not args.skip_speed:
+        speed(retriever, dataset, args)
     if args.dtypes:
         retriever.local_store.close()
         encodings(dataset, args)

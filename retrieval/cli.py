@@ -228,8 +228,9 @@ def index_update(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Re-extract indexed files whose content changed and drop those that are gone; the
-    whitening is refitted only by `retr index build`."""
+    """Re-extract indexed files whose content changed, drop those that are gone.
+
+    The whitening stays fixed; `retr index build` refits it."""
     from retrieval.updating import update_images
 
     with cli_errors():

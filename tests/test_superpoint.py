@@ -62,9 +62,16 @@ def test_dense_outputs_match_official(dense) -> None:
 def test_keypoints_in_official_order(dense, variant: str, image: str) -> None:
     ref = np.load(FIX / f"{image}_{variant}.npz")
     kpts, scores, desc = _model(variant).postprocess(*dense[image])
-    np.testing.assert_array_equal(kpts, ref["keypoints"])  # same N, order and integer values
-    np.testing.assert_allclose(scores, ref["scores"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(desc, ref["descriptors"], rtol=0, atol=1e-5)
+    assert kpts.shape == ref["keypoints"].shape
+    idx = _match(kpts, ref["keypoints"])  # same integer keypoints
+    # Same order, except where two reference scores agree within the score tolerance: such
+    # near-ties (down to 3e-7 relative in this fixture) swap with the CPU's SIMD rounding.
+    swapped = idx != np.arange(len(idx))
+    np.testing.assert_allclose(
+        ref["scores"][swapped], ref["scores"][idx[swapped]], rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(scores[idx], ref["scores"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(desc[idx], ref["descriptors"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,11 +102,13 @@ def count_inliers(
         [len(f) for f in feats], CHUNK_COLUMNS_GPU if dev.type == "cuda" else CHUNK_COLUMNS
     )
     workers = conf.workers or default_workers()
-    # Products run side by side only while torch itself is single-threaded (else they fight
-    # over its intra-op threads); a GPU takes one at a time.
-    gate = threading.Semaphore(
-        1 if dev.type == "cuda" else max(1, workers // torch.get_num_threads())
-    )
+    on_gpu = dev.type == "cuda"
+    # On a CPU each worker runs its chunks' products, reductions and RANSAC on one core (torch
+    # single-threaded meanwhile): measured 1.3-1.6x faster per query than products sharing
+    # torch's threads while the numpy reductions run one at a time. A GPU takes one product at
+    # a time.
+    threads = 1 if not on_gpu and workers > 1 else torch.get_num_threads()
+    gate = threading.Semaphore(1 if on_gpu else max(1, workers // threads))
 
     def run(rows: range) -> tuple[list[int], float, float]:
         with gate:
@@ -121,7 +124,7 @@ def count_inliers(
         return inliers, t1 - t0, time.perf_counter() - t1
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(workers, thread_name_prefix="rerank") as pool:
+    with torch_threads(threads), ThreadPoolExecutor(workers, thread_name_prefix="rerank") as pool:
         done = list(pool.map(run, parts))
     if timings is not None:  # stages overlap: split the wall time as the threads spent it
         wall = time.perf_counter() - start
@@ -130,6 +133,19 @@ def count_inliers(
         timings.add("matching", wall * share)
         timings.add("ransac", wall * (1 - share))
     return [n for d in done for n in d[0]]
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n inside the block (process-wide), then restored."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def rerank_sequential(

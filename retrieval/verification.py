@@ -30,7 +30,10 @@ class RansacConf(StrictConf):
     threshold: float = 8.0
     """Maximum reprojection error (px, original image) of an inlier."""
     confidence: float = 0.999
-    max_iters: int = 10_000
+    max_iters: int = 1_000
+    """As DELG's reranking (1000 trials). Measured on the mini set's 800 query-candidate pairs:
+    10000 instead flips as many pairs across min_inliers (5) as another seed does (6), at about
+    5x the RANSAC time, and leaves mAP unchanged."""
     seed: int = 0
 
 

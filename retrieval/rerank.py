@@ -15,7 +15,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,7 +108,7 @@ def count_inliers(
     # torch's threads while the numpy reductions run one at a time. A GPU takes one product at
     # a time.
     threads = 1 if not on_gpu and workers > 1 else torch.get_num_threads()
-    gate = threading.Semaphore(1 if on_gpu else max(1, workers // threads))
+    gate: AbstractContextManager[Any] = threading.Semaphore(1) if on_gpu else nullcontext()
 
     def run(rows: range) -> tuple[list[int], float, float]:
         with gate:

@@ -29,6 +29,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ import torch
 
 from features.errors import ConfigError, IndexError_, StoreMismatchError
 from features.types import LocalFeatures
+from index.reading import DESCRIPTOR_DATASETS, GroupReader, StoredGroup
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +155,7 @@ class FeatureStore:
             out.attrs.update(dict(self.file.attrs))
             for name in self.file:
                 self.file.copy(self.file[name], out, name=name)
-        self.file.close()
+        self.close()
         os.replace(tmp, self.path)
         self.file = self._open()
 
@@ -281,17 +283,26 @@ class LocalFeatureStore(FeatureStore):
         return self._read(keys, self.pq)
 
     def _read(self, keys: Sequence[int], pq: ProductQuantizer | None) -> list[LocalFeatures]:
-        groups = [self.file[str(k)] for k in keys]
+        groups = [self._reader.group(k) for k in keys]
         desc = _decode_all([_descriptor_data(g) for g in groups], pq, self.path)
         return [
             LocalFeatures(
-                g["keypoints"][()].astype(np.float32, copy=False),
-                g["scores"][()].astype(np.float32, copy=False),
+                g.arrays["keypoints"].astype(np.float32, copy=False),
+                g.arrays["scores"].astype(np.float32, copy=False),
                 d,
-                _size(g.attrs["image_size"]),
+                _size(g.image_size),
             )
             for g, d in zip(groups, desc, strict=True)
         ]
+
+    @cached_property
+    def _reader(self) -> GroupReader:
+        return GroupReader(self.file, self.readonly)
+
+    def close(self) -> None:
+        if "_reader" in self.__dict__:
+            self.__dict__.pop("_reader").close()
+        super().close()
 
     def recode(self, dtype: str) -> None:
         """Re-encode every group as `dtype` (a PQ one retrains its quantiser) and rewrite the
@@ -365,11 +376,8 @@ def _decode_all(
     return [decoded[i] for i in range(len(data))]
 
 
-def _descriptor_data(group: h5py.Group) -> tuple[str, np.ndarray]:
-    for name in ("descriptors_pq", "descriptors_int8", "descriptors"):
-        if name in group:
-            return name, group[name][()]
-    raise IndexError_(f"feature group {group.name} holds no descriptors")
+def _descriptor_data(group: StoredGroup) -> tuple[str, np.ndarray]:
+    return next((k, v) for k, v in group.arrays.items() if k in DESCRIPTOR_DATASETS)
 
 
 def _size(value: Any) -> tuple[int, int]:

@@ -77,28 +77,33 @@ def image_to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.permute(2, 0, 1)[None].float().div_(255.0)
 
 
-class LocalExtractor(ABC):
-    """Base class of every local-feature plug-in.
+class Plugin(ABC):
+    """What every model plug-in shares: a strict typed config, a device, its checkpoint resolved
+    (explicit path, cache, package, URL), and a fingerprint of all three that feature stores
+    record so that two configurations never mix.
 
-    Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free methods) and
-    implement `_init` (build the network, load weights) and `_extract`.
+    Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free models) and
+    build their network in `_init`.
     """
 
     name: ClassVar[str]
-    Conf: ClassVar[type[LocalConf]] = LocalConf
+    Conf: ClassVar[type[StrictConf]]
     licence: ClassVar[str] = ""
     weights_spec: ClassVar[WeightSpec | None] = None
-    paper: ClassVar[str] = ""
+    role: ClassVar[str]
+    """What the plug-in is, in error messages ("local method", "global model")."""
+    fingerprint_key: ClassVar[str] = "method"
+    """The fingerprint's name field; fixed per role so that existing indexes keep opening."""
 
     def __init__(
         self,
-        conf: LocalConf | dict[str, Any] | None = None,
+        conf: StrictConf | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
         **overrides: Any,
     ) -> None:
         values = conf.model_dump() if isinstance(conf, BaseModel) else dict(conf or {})
         values.update(overrides)
-        self.conf = parse_conf(self.Conf, values, f"local method '{self.name}'")
+        self.conf = parse_conf(self.Conf, values, f"{self.role} '{self.name}'")
         self.device = pick_device(device)
         self.weights_path: Path | None = None
         if self.weights_spec is not None:
@@ -110,6 +115,27 @@ class LocalExtractor(ABC):
     @abstractmethod
     def _init(self) -> None:
         """Build the network and load `self.weights_path`."""
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Identity of everything that changes the output: name, config, weights content."""
+        conf = self.conf.model_dump(exclude={"weights"})
+        digest = _file_sha256(self.weights_path) if self.weights_path else None
+        blob = {self.fingerprint_key: self.name, "conf": conf, "weights": digest}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class LocalExtractor(Plugin):
+    """Base class of every local-feature plug-in.
+
+    Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free methods) and
+    implement `_init` (build the network, load weights) and `_extract`.
+    """
+
+    Conf: ClassVar[type[LocalConf]] = LocalConf
+    conf: LocalConf
+    role = "local method"
+    paper: ClassVar[str] = ""
 
     @abstractmethod
     def _extract(self, image: np.ndarray) -> tuple[Any, Any, Any]:
@@ -141,14 +167,6 @@ class LocalExtractor(ABC):
         order = np.argsort(-feats.scores, kind="stable")
         feats = LocalFeatures(kpts[order], feats.scores[order], desc[order], (w, h))
         return feats.top(self.conf.max_keypoints)
-
-    @cached_property
-    def fingerprint(self) -> str:
-        """Identity of everything that changes the features: method, config, weights content."""
-        conf = self.conf.model_dump(exclude={"weights"})
-        digest = _file_sha256(self.weights_path) if self.weights_path else None
-        blob = json.dumps({"method": self.name, "conf": conf, "weights": digest}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _numpy(x: Any) -> np.ndarray:

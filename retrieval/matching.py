@@ -90,8 +90,8 @@ def mutual_nn_many(
     # The same dot products as mutual_nn's `d0 @ d1.T`, candidates side by side.
     sim = (q @ cand.reshape(len(live) * n, -1).T).view(len(q), len(live), n)
     padded = np.arange(n)[None] >= lengths[:, None]  # (B, n)
-    for row in np.flatnonzero(lengths < n):  # only the padding is written, not all of sim
-        sim[:, row, lengths[row] :] = -torch.inf
+    for short in np.flatnonzero(lengths < n):  # only the padding is written, not all of sim
+        sim[:, short, lengths[short] :] = -torch.inf
     on_torch = reductions == "torch" or (reductions is None and sim.is_cuda)
     stats = _stats_torch(sim, ratio) if on_torch else _stats_numpy(sim.cpu().numpy())
     pairs = _select(stats, padded, lengths, ratio)

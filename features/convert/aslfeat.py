@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from features.errors import CheckpointError, ConfigError
+from features.convert.tf_checkpoint import import_tensorflow, read_checkpoint
+from features.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +94,8 @@ def map_variables(name_to_array: Mapping[str, np.ndarray]) -> dict[str, torch.Te
 def read_tf_checkpoint(src: str | Path) -> dict[str, np.ndarray]:
     """All variables of a TF checkpoint (prefix like model.ckpt-60000, one of its files, or its
     folder) as name -> array. Needs TensorFlow."""
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ConfigError(
-            "reading the official ASLFeat checkpoint needs TensorFlow: pip install 'retr[tf]'"
-        ) from None
-    prefix = re.sub(r"\.(index|meta|data-\d+-of-\d+)$", "", str(src))
-    try:
-        reader = tf.train.load_checkpoint(prefix)
-        names = reader.get_variable_to_shape_map()
-        return {name: reader.get_tensor(name) for name in names}
-    except Exception as exc:  # TF raises several unrelated types for unreadable files
-        raise CheckpointError(f"cannot read TensorFlow checkpoint {src}: {exc}") from None
+    tf = import_tensorflow("reading the official ASLFeat checkpoint")
+    return read_checkpoint(tf, src, src)
 
 
 def convert_aslfeat(src: str | Path, out: str | Path) -> Path:

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from features.convert.tf_checkpoint import import_tensorflow, read_checkpoint
 from features.delg.resnet import BLOCKS, DelgNet, checkpoint_dict
 from features.errors import CheckpointError, ConfigError
 
@@ -299,7 +300,7 @@ def convert_delg(
     """
     from features.image import load_image
 
-    tf = _import_tensorflow()
+    tf = import_tensorflow("converting the official DELG model")
     saved = Path(reference) if reference is not None else Path(src)
     if not (saved / "saved_model.pb").is_file():
         raise ConfigError(
@@ -315,27 +316,11 @@ def convert_delg(
     return Path(out)
 
 
-def _import_tensorflow() -> Any:
-    try:
-        import tensorflow as tf
-    except ImportError:
-        raise ConfigError(
-            "converting the official DELG model needs TensorFlow: pip install 'retr[tf]'"
-        ) from None
-    return tf
-
-
 def read_variables(tf: Any, src: Path) -> dict[str, np.ndarray]:
     """Every variable of a SavedModel directory or a TF checkpoint (prefix, one of its files,
     or its folder) as key -> array."""
     prefix = src / "variables" / "variables" if (src / "saved_model.pb").is_file() else src
-    prefix_str = re.sub(r"\.(index|data-\d+-of-\d+)$", "", str(prefix))
-    try:
-        reader = tf.train.load_checkpoint(prefix_str)
-        names = reader.get_variable_to_shape_map()
-        return {name: reader.get_tensor(name) for name in names}
-    except Exception as exc:  # TF raises several unrelated types for unreadable files
-        raise CheckpointError(f"cannot read TensorFlow variables from {src}: {exc}") from None
+    return read_checkpoint(tf, prefix, src)
 
 
 FEEDS = [

@@ -8,22 +8,16 @@ the FC whitening layer included).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from abc import ABC, abstractmethod
-from functools import cached_property
-from pathlib import Path
-from typing import Any, ClassVar
+from abc import abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel
 
-from features.base import StrictConf, _file_sha256, parse_conf, pick_device
+from features.base import Plugin, StrictConf
 from features.image import ImageInput, load_image
-from features.weights import WeightSpec, resolve_weights
 
 DELG_GLOBAL_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
@@ -48,34 +42,13 @@ def scaled_size(h: int, w: int, s: float) -> tuple[int, int]:
     return int(np.round(np.float32(h) * s32)), int(np.round(np.float32(w) * s32))
 
 
-class GlobalExtractor(ABC):
+class GlobalExtractor(Plugin):
     """Base of every global model: image in, (D,) float32 L2-normalised descriptor out."""
 
-    name: ClassVar[str]
     Conf: ClassVar[type[GlobalConf]] = GlobalConf
-    licence: ClassVar[str] = ""
-    weights_spec: ClassVar[WeightSpec | None] = None
-
-    def __init__(
-        self,
-        conf: GlobalConf | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        **overrides: Any,
-    ) -> None:
-        values = conf.model_dump() if isinstance(conf, BaseModel) else dict(conf or {})
-        values.update(overrides)
-        self.conf = parse_conf(self.Conf, values, f"global model '{self.name}'")
-        self.device = pick_device(device)
-        self.weights_path: Path | None = None
-        if self.weights_spec is not None:
-            self.weights_path = resolve_weights(
-                self.weights_spec, self.conf.weights, what=self.name
-            )
-        self._init()
-
-    @abstractmethod
-    def _init(self) -> None:
-        """Build the network and load its weights."""
+    conf: GlobalConf
+    role = "global model"
+    fingerprint_key = "model"
 
     @abstractmethod
     def _normalise(self, image: np.ndarray) -> torch.Tensor:
@@ -118,10 +91,3 @@ class GlobalExtractor(ABC):
         raw = self.per_scale(image)
         agg = F.normalize(F.normalize(raw, dim=-1).sum(0), dim=0)
         return agg.float().cpu().numpy()
-
-    @cached_property
-    def fingerprint(self) -> str:
-        conf = self.conf.model_dump(exclude={"weights"})
-        digest = _file_sha256(self.weights_path) if self.weights_path else None
-        blob = json.dumps({"model": self.name, "conf": conf, "weights": digest}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]

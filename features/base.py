@@ -120,7 +120,7 @@ class Plugin(ABC):
     def fingerprint(self) -> str:
         """Identity of everything that changes the output: name, config, weights content."""
         conf = self.conf.model_dump(exclude={"weights"})
-        digest = _file_sha256(self.weights_path) if self.weights_path else None
+        digest = file_sha256(self.weights_path) if self.weights_path else None
         blob = {self.fingerprint_key: self.name, "conf": conf, "weights": digest}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -175,7 +175,8 @@ def _numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MB blocks (checkpoints, corpus images)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -9,7 +9,6 @@ previous build finished.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import time
 from collections import deque
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from features.base import LocalExtractor
+from features.base import LocalExtractor, file_sha256
 from features.errors import ConfigError, ImageReadError, RetrError
 from features.image import load_image
 from features.registry import load_global, load_local
@@ -74,14 +73,6 @@ def read_labels(csv_path: Path) -> dict[str, str]:
     if rows and not {"path", "label"} <= set(rows[0]):
         raise ConfigError(f"{csv_path}: expected columns 'path,label', got {list(rows[0])}")
     return {r["path"].replace("\\", "/"): r["label"] for r in rows if r.get("label")}
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def extract_both(
@@ -300,7 +291,7 @@ def prefetch(
 
 
 def _prepare(path: Path, rec: ImageRecord | None) -> Prepared:
-    sha = sha256_of(path)  # OSError reaches _process through the future
+    sha = file_sha256(path)  # OSError reaches _process through the future
     if rec is not None and rec.sha256 == sha and rec.status == Status.INDEXED.value:
         return sha, None
     try:
@@ -327,7 +318,7 @@ def _process(
     prepared: Future[Prepared] | None = None,
 ) -> None:
     try:
-        sha, image = prepared.result() if prepared is not None else (sha256_of(path), None)
+        sha, image = prepared.result() if prepared is not None else (file_sha256(path), None)
     except OSError as exc:
         report.failed.append((rel, f"unreadable file: {exc}"))
         return

@@ -81,7 +81,9 @@ def test_batched_mutual_nn_equals_pairwise_with_ties_and_ratio(scene) -> None:
     query, feats = scene
     cands = [f.descriptors for f in feats.values()]
     tied_query = np.concatenate([query.descriptors, query.descriptors[:50]])  # column ties
-    for q in (query.descriptors, tied_query):
+    close_ties = query.descriptors.copy()  # duplicate rows in one row tile, and across tiles
+    close_ties[[6, 16, 40, 399]] = close_ties[[5, 15, 33, 398]]
+    for q in (query.descriptors, tied_query, close_ties):
         for ratio in (None, 0.95, 0.8):
             want = [mutual_nn(q, c, ratio) for c in cands]
             for reductions in ("numpy", "torch"):  # torch: the GPU code path, run on the CPU

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from features.errors import IndexError_
+
 DESCRIPTOR_DATASETS = ("descriptors_pq", "descriptors_int8", "descriptors")
 """The names a group's descriptors may be stored under, one per encoding."""
 _FIXED = ("keypoints", "scores")
@@ -70,7 +72,10 @@ class GroupReader:
             if name != self._names[0]:
                 self._names = [name, *(n for n in self._names if n != name)]
             return name, dset
-        raise KeyError(f"{prefix.decode()}{'|'.join(DESCRIPTOR_DATASETS)}")
+        raise IndexError_(
+            f"{self.file.filename}: feature group {prefix.decode().rstrip('/')} holds no "
+            f"descriptors (one of {', '.join(DESCRIPTOR_DATASETS)}); rebuild the index"
+        )
 
     def _array(self, dset: h5py.h5d.DatasetID) -> np.ndarray:
         shape, dtype = dset.shape, dset.dtype

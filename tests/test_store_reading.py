@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from features.errors import IndexError_
 from features.types import LocalFeatures
 from index.store import LocalFeatureStore
 
@@ -81,3 +82,14 @@ def test_reader_follows_a_repacked_file(tmp_path: Path) -> None:
         store.recode("int8")  # rewrites the file (temp file + os.replace)
         back = store.get_features(1)
     assert np.abs(back.descriptors - first.descriptors).max() < 0.02
+
+
+def test_a_group_without_descriptors_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "local.h5"
+    with LocalFeatureStore(path, "fp") as store:
+        store.put_features(1, _features(np.random.default_rng(3), 5))
+    with h5py.File(path, "a") as h5:
+        del h5["1/descriptors"]
+    ro = LocalFeatureStore(path, "fp", readonly=True)
+    with ro, pytest.raises(IndexError_, match=r"local\.h5: feature group 1 holds no descriptors"):
+        ro.get_features(1)

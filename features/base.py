@@ -126,11 +126,8 @@ class Plugin(ABC):
 
 
 class LocalExtractor(Plugin):
-    """Base class of every local-feature plug-in.
-
-    Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free methods) and
-    implement `_init` (build the network, load weights) and `_extract`.
-    """
+    """Base class of every local-feature plug-in: a Plugin that also implements `_extract`
+    (and may cite its `paper`)."""
 
     Conf: ClassVar[type[LocalConf]] = LocalConf
     conf: LocalConf

@@ -39,7 +39,7 @@ import torch
 
 from features.errors import ConfigError, IndexError_, StoreMismatchError
 from features.types import LocalFeatures
-from index.reading import DESCRIPTOR_DATASETS, GroupReader, StoredGroup
+from index.reading import GroupReader
 
 logger = logging.getLogger(__name__)
 
@@ -284,11 +284,11 @@ class LocalFeatureStore(FeatureStore):
 
     def _read(self, keys: Sequence[int], pq: ProductQuantizer | None) -> list[LocalFeatures]:
         groups = [self._reader.group(k) for k in keys]
-        desc = _decode_all([_descriptor_data(g) for g in groups], pq, self.path)
+        desc = _decode_all([(g.encoding, g.descriptors) for g in groups], pq, self.path)
         return [
             LocalFeatures(
-                g.arrays["keypoints"].astype(np.float32, copy=False),
-                g.arrays["scores"].astype(np.float32, copy=False),
+                g.keypoints.astype(np.float32, copy=False),
+                g.scores.astype(np.float32, copy=False),
                 d,
                 _size(g.image_size),
             )
@@ -374,10 +374,6 @@ def _decode_all(
         elif kind == "descriptors":  # torch converts float16 ~10x faster than numpy
             decoded[i] = torch.from_numpy(arr).float().numpy()
     return [decoded[i] for i in range(len(data))]
-
-
-def _descriptor_data(group: StoredGroup) -> tuple[str, np.ndarray]:
-    return next((k, v) for k, v in group.arrays.items() if k in DESCRIPTOR_DATASETS)
 
 
 def _size(value: Any) -> tuple[int, int]:

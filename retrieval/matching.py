@@ -90,8 +90,9 @@ def mutual_nn_many(
     # The same dot products as mutual_nn's `d0 @ d1.T`, candidates side by side.
     sim = (q @ cand.reshape(len(live) * n, -1).T).view(len(q), len(live), n)
     padded = np.arange(n)[None] >= lengths[:, None]  # (B, n)
-    for short in np.flatnonzero(lengths < n):  # only the padding is written, not all of sim
-        sim[:, short, lengths[short] :] = -torch.inf
+    pad = np.flatnonzero(padded.ravel())  # one write of only the padded columns, any device
+    if len(pad):
+        sim.view(len(q), -1)[:, torch.as_tensor(pad, device=q.device)] = -torch.inf
     on_torch = reductions == "torch" or (reductions is None and sim.is_cuda)
     stats = _stats_torch(sim, ratio) if on_torch else _stats_numpy(sim.cpu().numpy())
     pairs = _select(stats, padded, lengths, ratio)

@@ -4,8 +4,8 @@ Part 1 times retr's rerank (shortlist loaded in one call, batched matching, RANS
 pool) against the naive loop it replaced (load, match, verify one candidate after the other) on
 the same shortlists, checks both give identical inliers, and prints the ratio, the cost per
 candidate pair and the total per query. It also times the similarity products alone (the same
-blocks on the same threads, nothing else): the floor exact matching cannot go below on this
-machine.
+candidates per block, on the same worker pool, nothing else): the floor exact matching cannot go
+below on this machine.
 
 Part 2 (--dtypes) re-encodes copies of the index's local store (float16, int8, pq...), and prints
 bytes per image and the evaluation (mAP, global vs reranked) of each.
@@ -21,7 +21,6 @@ import shutil
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +34,14 @@ from retrieval.api import Retriever
 from retrieval.evaluation.datasets import Dataset, landmarks_mini
 from retrieval.evaluation.runner import prepare_index, run_eval
 from retrieval.matching import CHUNK_COLUMNS, chunks
-from retrieval.rerank import Candidate, RerankConf, Timings, rerank, rerank_sequential
+from retrieval.rerank import (
+    Candidate,
+    RerankConf,
+    Timings,
+    rerank,
+    rerank_sequential,
+    worker_pool,
+)
 from retrieval.updating import convert_local_dtype
 from retrieval.verification import default_workers
 
@@ -64,17 +70,15 @@ def timed(fn: Callable[[Timings], object], repeats: int) -> tuple[float, float, 
 
 
 def products_only(query: np.ndarray, cands: list[np.ndarray], workers: int) -> tuple[float, float]:
-    """(seconds, GFLOP) of the rerank's similarity products alone: the same blocks, each worker
-    one torch thread, as retrieval.rerank runs them on a CPU."""
+    """(seconds, GFLOP) of the rerank's similarity products alone: the same candidates per block
+    (without padding) on the rerank's own worker pool."""
     q = torch.from_numpy(query)
     blocks = [
         torch.from_numpy(np.concatenate([cands[i] for i in part])).T.contiguous()
         for part in chunks([len(c) for c in cands], CHUNK_COLUMNS)
     ]
     flop = 2 * q.shape[0] * q.shape[1] * sum(b.shape[1] for b in blocks) / 1e9
-    threads = 1 if workers > 1 else torch.get_num_threads()
-    init = {"initializer": torch.set_num_threads, "initargs": (threads,)}
-    with ThreadPoolExecutor(workers, **init) as pool:
+    with worker_pool(workers) as pool:
         start = time.perf_counter()
         list(pool.map(lambda b: q @ b, blocks))
         return time.perf_counter() - start, flop

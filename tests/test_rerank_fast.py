@@ -81,7 +81,7 @@ def test_batched_mutual_nn_equals_pairwise_with_ties_and_ratio(scene) -> None:
     query, feats = scene
     cands = [f.descriptors for f in feats.values()]
     tied_query = np.concatenate([query.descriptors, query.descriptors[:50]])  # column ties
-    close_ties = query.descriptors.copy()  # duplicate rows in one row tile, and across tiles
+    close_ties = query.descriptors.copy()  # duplicate rows side by side and a few apart
     close_ties[[6, 16, 40, 399]] = close_ties[[5, 15, 33, 398]]
     for q in (query.descriptors, tied_query, close_ties):
         for ratio in (None, 0.95, 0.8):

@@ -8,7 +8,7 @@
 - `registry`: names -> plug-in classes.
 """
 
-from features.errors import (
+from features.core import (
     CheckpointError,
     ConfigError,
     ImageReadError,

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, field_validator
 
-from features.errors import ConfigError
+from features.core import StrictConf, file_sha256, parse_conf, pick_device
 from features.image import ImageInput, load_image, resize_max, to_pixel_frame
 from features.types import LocalFeatures
 from features.weights import WeightSpec, resolve_weights
@@ -29,21 +29,20 @@ from features.weights import WeightSpec, resolve_weights
 logger = logging.getLogger(__name__)
 
 
-class StrictConf(BaseModel):
-    """A frozen config that rejects unknown keys (a typo raises instead of being ignored)."""
+class PluginConf(StrictConf):
+    """What every plug-in's config has: where its checkpoint is."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    weights: str | None = None
+    """Explicit checkpoint path; otherwise the standard resolution order (features.weights)."""
 
 
-class LocalConf(StrictConf):
+class LocalConf(PluginConf):
     """Knobs every local method has. Plug-ins subclass this with their own defaults."""
 
     max_keypoints: int | None = 2048
     """Keep at most this many keypoints (best scores first); None keeps all."""
     resize_max: int | None = 1024
     """Downscale so the longer side is at most this many pixels before extraction; None: never."""
-    weights: str | None = None
-    """Explicit checkpoint path; otherwise the standard resolution order (features.weights)."""
 
     @field_validator("max_keypoints", "resize_max", check_fields=False)
     @classmethod
@@ -51,24 +50,6 @@ class LocalConf(StrictConf):
         if value is not None and value <= 0:
             raise ValueError("must be a positive number of keypoints/pixels, or None")
         return value
-
-
-def parse_conf(conf_cls: type[StrictConf], values: dict[str, Any], what: str) -> Any:
-    """Validate `values` against `conf_cls`, turning pydantic's report into one ConfigError line."""
-    try:
-        return conf_cls.model_validate(values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
-        )
-        valid = ", ".join(conf_cls.model_fields)
-        raise ConfigError(f"{what}: {problems} (valid options: {valid})") from None
-
-
-def pick_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def image_to_tensor(image: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -87,7 +68,7 @@ class Plugin(ABC):
     """
 
     name: ClassVar[str]
-    Conf: ClassVar[type[StrictConf]]
+    Conf: ClassVar[type[PluginConf]]
     licence: ClassVar[str] = ""
     weights_spec: ClassVar[WeightSpec | None] = None
     role: ClassVar[str]
@@ -170,12 +151,3 @@ def _numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().float().cpu().numpy()
     return np.asarray(x)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's content, read in 1 MB blocks (checkpoints, corpus images)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from features.errors import ImageReadError
+from features.core import ImageReadError
 
 logger = logging.getLogger(__name__)
 

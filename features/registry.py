@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 from features.base import LocalExtractor
-from features.errors import ConfigError
+from features.core import ConfigError
 
 LOCAL_METHODS: dict[str, str] = {
     "disk": "features.local.disk:DISK",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from features.errors import CheckpointError, WeightsNotFoundError
+from features.core import CheckpointError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
 

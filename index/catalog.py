@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from features.errors import IndexError_
+from features.core import IndexError_
 
 
 class Status(str, enum.Enum):

@@ -9,8 +9,7 @@ from typing import Any
 
 from pydantic import field_validator
 
-from features.base import StrictConf
-from features.errors import IndexError_
+from features.core import IndexError_, StrictConf
 from features.registry import DEFAULT_GLOBAL, DEFAULT_LOCAL
 from index.store import check_local_dtype
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from features.errors import IndexError_
+from features.core import IndexError_
 
 DESCRIPTOR_DATASETS = ("descriptors_pq", "descriptors_int8", "descriptors")
 """The names a group's descriptors may be stored under, one per encoding."""

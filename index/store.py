@@ -37,7 +37,7 @@ import h5py
 import numpy as np
 import torch
 
-from features.errors import ConfigError, IndexError_, StoreMismatchError
+from features.core import ConfigError, IndexError_, StoreMismatchError
 from features.types import LocalFeatures
 from index.reading import GroupReader
 

@@ -41,7 +41,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from features.errors import ConfigError, IndexError_
+from features.core import ConfigError, IndexError_
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from features.base import LocalExtractor, parse_conf
+from features.base import LocalExtractor
+from features.core import parse_conf
 from features.image import ImageInput, load_image
 from features.registry import load_global, load_local
 from features.types import LocalFeatures

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from features.base import LocalExtractor, file_sha256
-from features.errors import ConfigError, ImageReadError, RetrError
+from features.base import LocalExtractor
+from features.core import ConfigError, ImageReadError, RetrError, file_sha256
 from features.image import load_image
 from features.registry import load_global, load_local
 from features.types import LocalFeatures
@@ -344,7 +344,7 @@ REBUILT = {"index_type"}
 
 def _settle_config(paths: IndexPaths, options: dict[str, Any], corpus: Path) -> IndexConfig:
     """The config of an existing index wins; options that contradict it are an error."""
-    from features.base import parse_conf
+    from features.core import parse_conf
 
     if not paths.exists():
         return parse_conf(IndexConfig, {**options, "corpus": str(corpus)}, "index options")

@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from features.errors import RetrError
+from features.core import RetrError
 
 app = typer.Typer(
     help="retr: landmark image retrieval with a DELG shortlist and local-feature reranking.",

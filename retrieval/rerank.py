@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.base import StrictConf, pick_device
+from features.core import StrictConf, pick_device
 from features.types import LocalFeatures
 from retrieval.matching import CHUNK_COLUMNS, CHUNK_COLUMNS_GPU, chunks, mutual_nn, mutual_nn_many
 from retrieval.verification import RansacConf, default_workers, verify

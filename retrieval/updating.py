@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
-from features.base import parse_conf
-from features.errors import IndexError_
+from features.core import IndexError_, parse_conf
 from index.catalog import Catalog, ImageRecord, Status
 from index.layout import IndexConfig, IndexPaths
 from index.store import FeatureStore, LocalFeatureStore

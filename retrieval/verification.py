@@ -17,7 +17,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from features.base import StrictConf
+from features.core import StrictConf
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from features.convert.aslfeat import convert_aslfeat, map_variables
-from features.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.image import load_image
 from features.local.aslfeat import ASLFeat, ScaleFeatures, resize_bilinear_tf1, tf_same_pad
 from tests.conftest import fixture_dir

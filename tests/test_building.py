@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from features.errors import ConfigError, StoreMismatchError
+from features.core import ConfigError, StoreMismatchError
 from index.catalog import Catalog, Status
 from index.layout import IndexPaths
 from index.store import FeatureStore

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from features.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.local.d2net import (
     D2Net,
     displacements,

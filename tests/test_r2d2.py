@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from features.errors import CheckpointError, WeightsNotFoundError
+from features.core import CheckpointError, WeightsNotFoundError
 from features.local.r2d2 import R2D2, R2D2Conf, pyramid
 from features.types import LocalFeatures
 from tests.conftest import DATA, fixture_dir

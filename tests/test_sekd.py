@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from features.errors import CheckpointError, WeightsNotFoundError
+from features.core import CheckpointError, WeightsNotFoundError
 from features.local.sekd import SEKD
 from features.types import LocalFeatures
 from tests.conftest import DATA, fixture_dir

@@ -10,8 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from features.base import parse_conf
-from features.errors import ConfigError
+from features.core import ConfigError, parse_conf
 from features.types import LocalFeatures
 from index.layout import IndexConfig
 from index.store import LocalFeatureStore, ProductQuantizer, encode_int8, pq_subvectors

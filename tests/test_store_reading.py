@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from features.errors import IndexError_
+from features.core import IndexError_
 from features.types import LocalFeatures
 from index.store import LocalFeatureStore
 

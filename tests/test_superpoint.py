@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from features.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.local.superpoint import SuperPoint, SuperPointConf
 from features.registry import local_class
 from tests.conftest import fixture_dir

@@ -29,8 +29,8 @@ tf = pytest.importorskip("tensorflow")
 
 from features.convert import aslfeat as convert_aslfeat  # noqa: E402
 from features.convert import delg as convert_delg  # noqa: E402
+from features.core import ConfigError  # noqa: E402
 from features.delg.resnet import DelgNet  # noqa: E402
-from features.errors import ConfigError  # noqa: E402
 from features.local.aslfeat import ASLFeat  # noqa: E402
 from tests.conftest import fixture_dir  # noqa: E402
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from features.convert.tf_checkpoint import import_tensorflow, read_checkpoint
-from features.errors import CheckpointError
+from features.core import CheckpointError
 
 logger = logging.getLogger(__name__)
 

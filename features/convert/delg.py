@@ -43,8 +43,8 @@ import numpy as np
 import torch
 
 from features.convert.tf_checkpoint import import_tensorflow, read_checkpoint
+from features.core import CheckpointError, ConfigError
 from features.delg.resnet import BLOCKS, DelgNet, checkpoint_dict
-from features.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 

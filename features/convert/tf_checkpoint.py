@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from features.errors import CheckpointError, ConfigError
+from features.core import CheckpointError, ConfigError
 
 
 def import_tensorflow(purpose: str) -> Any:

@@ -16,19 +16,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from features.base import Plugin, StrictConf
+from features.base import Plugin, PluginConf
 from features.image import ImageInput, load_image
 
 DELG_GLOBAL_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
 
-class GlobalConf(StrictConf):
+class GlobalConf(PluginConf):
     scales: tuple[float, ...] = DELG_GLOBAL_SCALES
     """Pyramid scales whose descriptors are aggregated (DELG: 1/sqrt(2), 1, sqrt(2))."""
     resize_max: int | None = 1024
     """Longer side after the pre-resize, before the pyramid (DELG's max_image_size)."""
     gem_p: float = 3.0
-    weights: str | None = None
 
 
 def gem(x: torch.Tensor, p: float = 3.0, eps: float = 1e-6) -> torch.Tensor:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from features.core import ConfigError
 from features.delg.base import GlobalConf, GlobalExtractor, gem
-from features.errors import ConfigError
 from features.weights import (
     WeightSpec,
     load_checkpoint,

@@ -18,10 +18,10 @@ from typing import Literal
 import numpy as np
 import torch
 
+from features.core import ConfigError, ImageReadError
 from features.delg import official
 from features.delg.base import GlobalConf, GlobalExtractor
 from features.delg.resnet import GLOBAL_DIM, DelgNet, load_delg_net
-from features.errors import ConfigError, ImageReadError
 from features.image import ImageInput, load_image
 from features.types import LocalFeatures
 from features.weights import resolve_weights

@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from features.core import ConfigError
 from features.delg.base import scaled_size
 from features.delg.resnet import GEM_P, LOCAL_DIM, DelgNet
-from features.errors import ConfigError
 from features.weights import WeightSpec
 
 IMAGE_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)

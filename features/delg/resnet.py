@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from features.core import CheckpointError
 from features.delg.base import gem
-from features.errors import CheckpointError
 from features.weights import load_checkpoint, load_state_dict_strict
 
 BN_EPS = 1e-3

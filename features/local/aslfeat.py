@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor
-from features.errors import CheckpointError
+from features.core import CheckpointError
 from features.image import to_pixel_frame
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 

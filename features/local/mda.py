@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from features.base import LocalConf, LocalExtractor, StrictConf, image_to_tensor, parse_conf
-from features.errors import CheckpointError, ConfigError, ImageReadError
+from features.base import LocalConf, LocalExtractor, image_to_tensor
+from features.core import CheckpointError, ConfigError, ImageReadError, StrictConf, parse_conf
 from features.image import ImageInput, load_image, resize_max
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
-from features.errors import CheckpointError
+from features.core import CheckpointError
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

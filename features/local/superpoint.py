@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor
-from features.errors import CheckpointError
+from features.core import CheckpointError
 from features.local._superpoint_common import (
     CELL,
     gray_tensor,

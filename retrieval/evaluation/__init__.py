@@ -7,11 +7,10 @@
 - `plots`: per-query AP before vs after reranking (needs matplotlib: `retr[eval]`).
 """
 
+from features.core import DatasetError, DownloadError, PlotError
 from retrieval.evaluation.datasets import (
     Dataset,
-    DatasetError,
     DbImage,
-    DownloadError,
     Query,
     download_gldv2,
     download_revisitop1m,
@@ -22,7 +21,7 @@ from retrieval.evaluation.datasets import (
     open_dataset,
     revisited,
 )
-from retrieval.evaluation.plots import PlotError, plot
+from retrieval.evaluation.plots import plot
 from retrieval.evaluation.runner import EvalResult, format_table, run_eval, write_json
 
 __all__ = [

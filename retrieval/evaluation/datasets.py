@@ -36,18 +36,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from features.errors import RetrError
+from features.core import DatasetError, DownloadError
 from features.image import load_image
 
 logger = logging.getLogger(__name__)
-
-
-class DatasetError(RetrError):
-    """A dataset directory is missing files or holds files in an unexpected format."""
-
-
-class DownloadError(RetrError):
-    """An official dataset file could not be downloaded."""
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from features.errors import RetrError
+from features.core import PlotError
 
 if TYPE_CHECKING:
     from retrieval.evaluation.runner import EvalResult
-
-
-class PlotError(RetrError):
-    """A plot cannot be drawn: matplotlib is missing or the result has nothing to show."""
 
 
 def main_protocol(result: EvalResult) -> str:

@@ -28,8 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from features.base import parse_conf
-from features.errors import ConfigError, RetrError
+from features.core import ConfigError, RetrError, parse_conf
 from index.layout import IndexConfig, IndexPaths
 from retrieval.api import Match, Retriever
 from retrieval.building import Progress

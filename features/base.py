@@ -5,6 +5,14 @@ A plug-in subclasses LocalExtractor, declares its typed config (`Conf`), its che
 image already decoded and downscaled by the base class. The base class maps keypoints back to
 original-image pixels, sorts by score, keeps `max_keypoints`, and checks the output contract, once
 for every plug-in.
+
+One name per idea across plug-ins: `resize_max` is the longer side before extraction,
+`max_keypoints` the number kept, `nms_radius` the half-side r of a (2r + 1)^2 NMS window,
+`pyramid` the scales of a local-feature image pyramid (`scales` is kept for the scales of a
+global descriptor, features.delg.base). Size rules that mean something else keep a `resize_`
+prefix and say what they bound (`resize_max_sum`, `resize_max_height`); knobs of a pyramid's
+schedule start with `pyramid_`. A plug-in whose official code names a knob otherwise maps the
+official names in one `OFFICIAL_NAMES` table.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ class LocalConf(PluginConf):
     max_keypoints: int | None = 2048
     """Keep at most this many keypoints (best scores first); None keeps all."""
     resize_max: int | None = 1024
-    """Downscale so the longer side is at most this many pixels before extraction; None: never."""
+    """Downscale so the longer side is at most this many pixels before extraction; None: never.
+    (`_downscale` applies it; a plug-in whose official code resizes with its own arithmetic
+    applies it that way.)"""
 
     @field_validator("max_keypoints", "resize_max", check_fields=False)
     @classmethod
@@ -128,12 +138,19 @@ class LocalExtractor(Plugin):
     def descriptor_dim(self) -> int:
         """D, the length of one descriptor."""
 
+    def _downscale(self, image: np.ndarray) -> np.ndarray:
+        """The (h, w, 3) uint8 image `_extract` runs on: longer side at most `conf.resize_max`
+        (OpenCV area interpolation). A plug-in whose official code downscales with other
+        arithmetic overrides this, or returns `image` unchanged when it applies `resize_max`
+        itself inside `_extract` (and returns keypoints in the pixels of `image`)."""
+        return resize_max(image, self.conf.resize_max)[0]
+
     @torch.inference_mode()
     def extract(self, image: ImageInput) -> LocalFeatures:
         """Local features of one image, in original-image pixels (see features.types)."""
         rgb = load_image(image)
         h, w = rgb.shape[:2]
-        small, _ = resize_max(rgb, self.conf.resize_max)
+        small = self._downscale(rgb)
         kpts, scores, desc = (_numpy(x) for x in self._extract(small))
         kpts = kpts.astype(np.float32).reshape(-1, 2)
         if small.shape[:2] != (h, w):

@@ -20,12 +20,19 @@ import torch
 from features.convert.aslfeat import convert_aslfeat, map_variables
 from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.image import load_image
-from features.local.aslfeat import ASLFeat, ScaleFeatures, resize_bilinear_tf1, tf_same_pad
+from features.local.aslfeat import (
+    OFFICIAL_NAMES,
+    ASLFeat,
+    ASLFeatConf,
+    ScaleFeatures,
+    resize_bilinear_tf1,
+    tf_same_pad,
+)
 from tests.conftest import fixture_dir
 
 FIX = fixture_dir("aslfeat")
-SINGLE_SCALE = {"multi_scale": False, "max_keypoints": 5000, "max_dim": 2000}
-"""The official configs/hseq_eval.yaml."""
+SINGLE_SCALE = {"pyramid": False, "max_keypoints": 5000, "resize_max": 2000}
+"""The official configs/hseq_eval.yaml (multi_scale false, kpt_n 5000, max_dim 2000)."""
 
 
 def _variables() -> dict[str, np.ndarray]:
@@ -52,7 +59,7 @@ def _gray(image: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def levels0(aslfeat: ASLFeat) -> list[ScaleFeatures]:
     """The default (multi-scale) pyramid of image0; level 0 is the official base-scale graph."""
-    return aslfeat.pyramid(_gray("image0"))
+    return aslfeat.detect_pyramid(_gray("image0"))
 
 
 def _match(mine: np.ndarray, theirs: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -156,10 +163,10 @@ def test_default_multi_scale_matches_official(
     np.testing.assert_allclose(feats.descriptors, desc, atol=1e-6)  # renormalised by the base
 
 
-def test_max_dim_downscales_and_maps_back_to_original_pixels(weights: Path) -> None:
-    small = ASLFeat(weights=str(weights), multi_scale=False, max_dim=320, max_keypoints=500)
+def test_resize_max_downscales_and_maps_back_to_original_pixels(weights: Path) -> None:
+    small = ASLFeat(weights=str(weights), pyramid=False, resize_max=320, max_keypoints=500)
     gray = _gray("image0")
-    (level,) = small.pyramid(gray)
+    (level,) = small.detect_pyramid(gray)
     assert level.size == (320, 206)  # cv2.resize(fx=fy=320/640), as the official code
     feats = small.extract(np.repeat(gray[:, :, None], 3, axis=2))
     expected = (level.keypoints.numpy() + 0.5) * np.array([640 / 320, 412 / 206]) - 0.5
@@ -169,10 +176,18 @@ def test_max_dim_downscales_and_maps_back_to_original_pixels(weights: Path) -> N
 
 @pytest.mark.slow
 def test_default_multi_scale_matches_official_image1(aslfeat: ASLFeat) -> None:
-    levels = aslfeat.pyramid(_gray("image1"))
+    levels = aslfeat.detect_pyramid(_gray("image1"))
     assert [lv.size for lv in levels] == [(640, 480), (453, 339), (320, 240)]
     kpts, scores, desc, _ = _official_merge(levels, (640, 480), 8000)
     _assert_parity(kpts, scores, desc, np.load(FIX / "image1_default.npz"))
+
+
+def test_defaults_are_the_official_matching_config() -> None:
+    conf = ASLFeatConf()
+    assert set(OFFICIAL_NAMES.values()) <= set(ASLFeatConf.model_fields)
+    assert (conf.max_keypoints, conf.resize_max, conf.pyramid) == (8000, 2048, True)
+    assert (conf.score_threshold, conf.edge_threshold) == (0.5, 10.0)
+    assert (conf.nms_radius, conf.remove_borders, conf.subpixel) == (1, 5, True)  # nms_size 3
 
 
 def test_map_variables_lays_kernels_out_as_oihw() -> None:

@@ -219,6 +219,10 @@ def test_presets_and_defaults_follow_the_official_configs(weights: str) -> None:
     assert model.conf.scales == (0.70710677, 1.0, 1.4142135) and model.conf.resize_max == 1024
     local = DELGLocal(weights=weights, dataset="gldv1")
     assert local.settings.score_threshold == 175.0 and local.conf.max_keypoints == 1000
+    assert local.conf.pyramid == model.conf.pyramid == official.IMAGE_SCALES
+    assert local.conf.resize_max == model.conf.resize_max == 1024
+    for conf_cls in (DelgResNet.Conf, DELGLocal.Conf):
+        assert set(official.OFFICIAL_NAMES.values()) - {"scales"} <= set(conf_cls.model_fields)
     with pytest.raises(ConfigError, match="not levels of the pyramid"):
         DelgResNet(weights=weights, scales=(0.8,))
 
@@ -369,10 +373,31 @@ def _small(image: str) -> np.ndarray:
     return np.asarray(rgb.resize((rgb.width // 3, rgb.height // 3), Image.Resampling.BILINEAR))
 
 
+def test_shared_pass_only_with_the_same_weights_and_selection(weights: str, tmp_path) -> None:
+    model = DelgResNet(weights=weights)
+    assert model.shares_pass_with(DELGLocal(weights=weights))
+    for other in ({"score_threshold": 0.0}, {"max_keypoints": 500}, {"resize_max": 512}):
+        assert not model.shares_pass_with(DELGLocal(weights=weights, **other)), other
+    assert not model.shares_pass_with(DELGLocal(weights=weights, pyramid=(0.5, 1.0)))
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(Path(weights).read_bytes())
+    assert not model.shares_pass_with(DELGLocal(weights=str(copy)))
+    from features.delg.efficientnet import EfficientNetDELG
+    from features.local.disk import DISK
+
+    disk = DISK(weights=str(fixture_dir("disk") / "depth-save.pth"))
+    assert not model.shares_pass_with(disk)
+    plain = EfficientNetDELG(variant="lite0")
+    assert not plain.shares_pass_with(DELGLocal(weights=weights))
+    with pytest.raises(NotImplementedError, match="no local branch"):
+        plain.extract_all(_small("image0"))
+
+
 def test_shared_pass_equals_separate_passes(weights: str) -> None:
     image = _small("image0")
     model = DelgResNet(weights=weights, score_threshold=0.0)
     local = DELGLocal(weights=weights, score_threshold=0.0)
+    assert model.shares_pass_with(local)
     glob, feats = model.extract_all(image)
     np.testing.assert_allclose(glob, model.extract(image), atol=1e-6)
     alone = local.extract(image)

@@ -22,11 +22,14 @@ from features.local.magicpoint import (
 )
 from features.registry import local_class
 from tests.conftest import fixture_dir
+from tests.parity import assert_order_up_to_ties, match_integer_keypoints
 
 FIX = fixture_dir("magicpoint")
 WEIGHTS = FIX / "superPointNet_0_checkpoint.pth.tar"
 TAG = {"image": "trainbn", "running": "evalbn"}  # our batchnorm option -> fixture variant
 IMAGES = ("image0", "image1")
+SCORE_ATOL = 2e-5
+"""The README's score tolerance (a float64 run of the reference differs by up to 5.6e-6)."""
 
 
 def _gray(image: str) -> np.ndarray:
@@ -46,14 +49,6 @@ def semi() -> dict[tuple[str, str], torch.Tensor]:
         model = _model(batchnorm)
         out.update({(batchnorm, image): model.dense(_gray(image)) for image in IMAGES})
     return out
-
-
-def _match(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-    """Index into `mine` of each of `theirs` integer keypoints; fails if the sets differ."""
-    lookup = {tuple(k): i for i, k in enumerate(np.asarray(mine).astype(np.int64).tolist())}
-    ref = [tuple(k) for k in np.asarray(theirs).astype(np.int64).tolist()]
-    assert len(lookup) == len(mine) and set(lookup) == set(ref)
-    return np.array([lookup[k] for k in ref])
 
 
 @pytest.mark.parametrize("batchnorm", list(TAG))
@@ -76,19 +71,20 @@ def test_image_statistics_leave_the_running_buffers_alone() -> None:
 def test_detections_match_reference(semi, batchnorm: str, image: str) -> None:
     ref = np.load(FIX / f"{image}_{TAG[batchnorm]}.npz")
     det = _model(batchnorm).postprocess(semi[batchnorm, image])
-    idx = _match(det.keypoints_int.numpy(), ref["keypoints_int"])
-    np.testing.assert_allclose(det.scores.numpy()[idx], ref["scores"], rtol=0, atol=2e-5)
+    idx = match_integer_keypoints(det.keypoints_int.numpy(), ref["keypoints_int"])
+    np.testing.assert_allclose(det.scores.numpy()[idx], ref["scores"], rtol=0, atol=SCORE_ATOL)
     np.testing.assert_allclose(det.keypoints.numpy()[idx], ref["keypoints_subpixel_f64"], atol=1e-3)
-    # The reference order, up to swaps of scores closer than the score tolerance: image0/evalbn
-    # has two points 1e-8 apart that float32 rounding may order either way.
-    assert np.mean(idx == np.arange(len(idx))) > 0.99
-    assert np.all(np.diff(ref["scores"][np.argsort(idx)]) <= 2e-5)
+    # The reference order, up to swaps of points whose scores are closer than the score
+    # tolerance: such near-ties (down to 1e-8 apart) come out in either order on other CPU kernels.
+    assert_order_up_to_ties(ref["scores"], idx, atol=SCORE_ATOL)
 
 
 def test_without_subpixel_keypoints_are_the_nms_pixels(semi) -> None:
     ref = np.load(FIX / "image1_trainbn.npz")
     det = _model(subpixel=False).postprocess(semi["image", "image1"])
-    np.testing.assert_array_equal(det.keypoints.numpy(), ref["keypoints_int"].astype(np.float32))
+    np.testing.assert_array_equal(det.keypoints.numpy(), det.keypoints_int.numpy())
+    idx = match_integer_keypoints(det.keypoints_int.numpy(), ref["keypoints_int"])
+    assert_order_up_to_ties(ref["scores"], idx, atol=SCORE_ATOL)
 
 
 def test_rgb_jpeg_gives_the_reference_gray_input() -> None:
@@ -117,7 +113,7 @@ def test_extractor_keeps_the_reference_top_1000() -> None:
     feats = MagicPoint(weights=str(WEIGHTS), resize_max=None).extract(FIX / "image1.jpg")
     assert len(feats) == 1000 and feats.descriptors.shape == (1000, 128)
     idx = _match_subpixel(feats.keypoints, ref["keypoints_subpixel_f64"][:1000])
-    np.testing.assert_allclose(feats.scores[idx], ref["scores"][:1000], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(feats.scores[idx], ref["scores"][:1000], rtol=0, atol=SCORE_ATOL)
     assert np.all(np.diff(feats.scores) <= 0)
     assert np.all(feats.descriptors >= 0)  # RootSIFT: square roots
     np.testing.assert_allclose(np.linalg.norm(feats.descriptors, axis=1), 1.0, atol=1e-5)
@@ -128,7 +124,7 @@ def test_extractor_with_running_statistics_matches_reference_as_sets() -> None:
     ref = np.load(FIX / "image0_evalbn.npz")
     feats = _model("running", max_keypoints=None).extract(_gray("image0"))
     idx = _match_subpixel(feats.keypoints, ref["keypoints_subpixel_f64"])
-    np.testing.assert_allclose(feats.scores[idx], ref["scores"], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(feats.scores[idx], ref["scores"], rtol=0, atol=SCORE_ATOL)
 
 
 def test_rootsift_descriptors_follow_the_keypoints() -> None:

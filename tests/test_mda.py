@@ -19,6 +19,7 @@ from features.local.mda import (
     FORMAT,
     HOW_SCALES,
     MDA,
+    OFFICIAL_NAMES,
     Level,
     MdaArch,
     MDANet,
@@ -72,11 +73,12 @@ def _cells(h: int, w: int, scales: tuple[float, ...]) -> int:
 def test_defaults_are_how_and_registry_finds_mda(mda: MDA) -> None:
     assert local_class("mda") is MDA
     assert mda.conf.max_keypoints == 1000 and mda.conf.resize_max == 1024
-    assert mda.conf.scales == HOW_SCALES and mda.descriptor_dim == 128 and mda.num_heads == 4
-    with pytest.raises(ConfigError, match="scale"):
-        MDA(weights=mda.conf.weights, scale=(1.0,))
-    with pytest.raises(ConfigError, match="scales"):
-        MDA(weights=mda.conf.weights, scales=(1.0, -0.5))
+    assert mda.conf.pyramid == HOW_SCALES and mda.descriptor_dim == 128 and mda.num_heads == 4
+    assert set(OFFICIAL_NAMES.values()) <= set(MDA.Conf.model_fields)
+    with pytest.raises(ConfigError, match="scales.*pyramid"):  # HOW's name for it is refused
+        MDA(weights=mda.conf.weights, scales=(1.0,))
+    with pytest.raises(ConfigError, match="pyramid"):
+        MDA(weights=mda.conf.weights, pyramid=(1.0, -0.5))
 
 
 def test_dense_outputs_and_output_contract(mda: MDA, photo: np.ndarray) -> None:
@@ -96,7 +98,7 @@ def test_dense_outputs_and_output_contract(mda: MDA, photo: np.ndarray) -> None:
 
 def test_extract_keeps_the_strongest_attention_cells(ckpt: Path, photo: np.ndarray) -> None:
     """Single scale, 5 features: the cells of largest max-over-heads attention, by hand."""
-    mda = MDA(weights=str(ckpt), scales=(1.0,), max_keypoints=5)
+    mda = MDA(weights=str(ckpt), pyramid=(1.0,), max_keypoints=5)
     dense = mda.dense(photo)
     strength = dense.attention.amax(0)
     best = torch.topk(strength.flatten(), 5).indices
@@ -169,8 +171,8 @@ def test_downscaled_image_maps_keypoints_back(ckpt: Path, shared: Path) -> None:
     big = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     small = cv2.resize(big, (128, 82), interpolation=cv2.INTER_AREA)
     scales = (1.414, 0.707)
-    on_big = MDA(weights=str(ckpt), resize_max=128, scales=scales).extract(big)
-    on_small = MDA(weights=str(ckpt), resize_max=None, scales=scales).extract(small)
+    on_big = MDA(weights=str(ckpt), resize_max=128, pyramid=scales).extract(big)
+    on_small = MDA(weights=str(ckpt), resize_max=None, pyramid=scales).extract(small)
     assert on_big.image_size == (256, 164) and len(on_big) == len(on_small) > 0
     np.testing.assert_allclose(on_big.keypoints, (on_small.keypoints + 0.5) * 2 - 0.5, atol=1e-4)
     np.testing.assert_allclose(on_big.scores, on_small.scores, atol=1e-6)
@@ -210,8 +212,8 @@ def test_fresh_network_attention_is_how_per_channel_group() -> None:
 def test_checkpoint_round_trip_gives_identical_outputs(
     mda: MDA, photo: np.ndarray, tmp_path: Path
 ) -> None:
-    again = MDA(weights=str(save_checkpoint(mda, tmp_path / "copy.pt")), scales=(1.0, 0.5))
-    first = MDA(weights=mda.conf.weights, scales=(1.0, 0.5))
+    again = MDA(weights=str(save_checkpoint(mda, tmp_path / "copy.pt")), pyramid=(1.0, 0.5))
+    first = MDA(weights=mda.conf.weights, pyramid=(1.0, 0.5))
     a, b = first.extract(photo), again.extract(photo)
     assert len(a) > 0
     np.testing.assert_array_equal(a.keypoints, b.keypoints)
@@ -264,7 +266,7 @@ def test_wrong_checkpoint_raises_naming_the_file(ckpt: Path, tmp_path: Path, how
 def test_image_too_small_for_every_scale_is_refused(ckpt: Path) -> None:
     tiny = np.full((40, 60, 3), 128, np.uint8)
     with pytest.raises(ImageReadError, match="too small"):
-        MDA(weights=str(ckpt), scales=(0.25,)).extract(tiny)
+        MDA(weights=str(ckpt), pyramid=(0.25,)).extract(tiny)
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path: Path, monkeypatch) -> None:
@@ -306,6 +308,6 @@ def test_default_extraction_on_a_full_size_photo(ckpt: Path, shared: Path) -> No
 @pytest.mark.slow
 def test_resnet101_checkpoint_round_trip(tmp_path: Path, photo: np.ndarray) -> None:
     path = save_checkpoint(_random_net(3, architecture="resnet101", num_heads=2), tmp_path / "r.pt")
-    mda = MDA(weights=str(path), scales=(1.0,))
+    mda = MDA(weights=str(path), pyramid=(1.0,))
     assert mda.num_heads == 2 and mda.dense(photo).attention.shape == (2, 6, 8)
     assert len(mda.extract(photo)) == 48

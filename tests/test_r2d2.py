@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from features.core import CheckpointError, WeightsNotFoundError
-from features.local.r2d2 import R2D2, R2D2Conf, pyramid
+from features.local.r2d2 import OFFICIAL_NAMES, R2D2, R2D2Conf, pyramid
 from features.types import LocalFeatures
 from tests.conftest import DATA, fixture_dir
 
@@ -23,7 +23,7 @@ WEIGHTS = FIX / "r2d2_WASF_N16.pt"
 
 @pytest.fixture(scope="module")
 def single_scale() -> R2D2:
-    return R2D2(weights=str(WEIGHTS), min_scale=1.0)
+    return R2D2(weights=str(WEIGHTS), pyramid_min_scale=1.0)
 
 
 def _rgb(name: str) -> np.ndarray:
@@ -88,14 +88,20 @@ def test_multi_scale_defaults_match_official(image: str) -> None:
 def test_pyramid_levels_follow_the_official_schedule() -> None:
     sizes = [tuple(x.shape[-2:]) for x in pyramid(torch.zeros(1, 3, 416, 640), R2D2Conf())]
     assert sizes == [(416, 640), (350, 538), (294, 453), (247, 381), (208, 320), (175, 269)]
-    # A large image: levels above max_size are skipped, the loop stops at min_size.
+    # A large image: levels above pyramid_max_side are skipped, the loop stops at pyramid_min_side.
     sizes = [tuple(x.shape[-2:]) for x in pyramid(torch.zeros(1, 1, 1500, 2000), R2D2Conf())]
     assert sizes[0] == (750, 1000) and len(sizes) == 8 and max(sizes[-1]) >= 256
-    single = pyramid(torch.zeros(1, 1, 416, 640), R2D2Conf(min_scale=1.0))
+    single = pyramid(torch.zeros(1, 1, 416, 640), R2D2Conf(pyramid_min_scale=1.0))
     assert [tuple(x.shape[-2:]) for x in single] == [(416, 640)]
 
 
-def test_images_below_min_size_have_no_keypoints_like_the_official_code(
+def test_official_option_names_map_onto_the_config() -> None:
+    assert set(OFFICIAL_NAMES.values()) <= set(R2D2Conf.model_fields)
+    conf = R2D2Conf()
+    assert (conf.pyramid_min_side, conf.pyramid_max_side, conf.max_keypoints) == (256, 1024, 5000)
+
+
+def test_images_below_pyramid_min_side_have_no_keypoints_like_the_official_code(
     single_scale: R2D2,
 ) -> None:
     # Checked on _extract: LocalExtractor.extract cannot yet reshape zero descriptors.
@@ -161,7 +167,7 @@ def _pair(image_a: str, image_b: str) -> dict[str, str]:
 
 def test_real_weights_recover_a_homography() -> None:
     # Single scale at 512 px keeps this in the default run; the default pipeline is tested below.
-    r2d2 = R2D2(weights=str(WEIGHTS), min_scale=1.0, resize_max=512, max_keypoints=2000)
+    r2d2 = R2D2(weights=str(WEIGHTS), pyramid_min_scale=1.0, resize_max=512, max_keypoints=2000)
     pair = _pair("images/graffiti/img1.png", "images/graffiti/img2.png")
     assert _corner_error(pair, r2d2) < 5.0
 

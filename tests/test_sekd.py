@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from features.core import CheckpointError, WeightsNotFoundError
-from features.local.sekd import SEKD
+from features.local.sekd import OFFICIAL_NAMES, SEKD, SEKDConf
 from features.types import LocalFeatures
 from tests.conftest import DATA, fixture_dir
 
@@ -73,6 +73,14 @@ def test_large_frames_are_shrunk_like_the_demo_and_mapped_back(sekd: SEKD) -> No
     ref = np.load(FIX / "image0.npz")
     np.testing.assert_allclose(feats.keypoints, ref["keypoints"] * 2 + 0.5, atol=1e-3)
     np.testing.assert_allclose(feats.scores, ref["scores"], atol=1e-5)
+
+
+def test_demo_box_bounds_height_and_width_separately(sekd: SEKD) -> None:
+    assert set(OFFICIAL_NAMES.values()) <= set(SEKDConf.model_fields)
+    frame = np.zeros((600, 700, 3), np.float32)  # too tall for 480: scale 0.8
+    assert sekd._demo_resize(frame).shape == (480, 560, 3)
+    no_height_bound = SEKD(weights=str(WEIGHTS), resize_max_height=None)
+    assert no_height_bound._demo_resize(frame).shape == (548, 640, 3)  # int(600 * 640 / 700)
 
 
 def test_flat_image_has_no_keypoints(sekd: SEKD) -> None:

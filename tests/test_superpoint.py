@@ -15,6 +15,7 @@ from features.core import CheckpointError, ConfigError, WeightsNotFoundError
 from features.local.superpoint import SuperPoint, SuperPointConf
 from features.registry import local_class
 from tests.conftest import fixture_dir
+from tests.parity import assert_order_up_to_ties, match_integer_keypoints
 
 FIX = fixture_dir("superpoint")
 WEIGHTS = FIX / "superpoint_v1.pth"
@@ -32,14 +33,6 @@ def _gray(image: str) -> np.ndarray:
 def _model(variant: str = "default", **extra: object) -> SuperPoint:
     conf = {"resize_max": None, **VARIANTS[variant], **extra}
     return SuperPoint(weights=str(WEIGHTS), **conf)
-
-
-def _match(mine: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-    """Index into `mine` of each of `theirs` integer keypoints; fails if the sets differ."""
-    lookup = {tuple(k): i for i, k in enumerate(mine.astype(np.int64).tolist())}
-    ref = [tuple(k) for k in theirs.astype(np.int64).tolist()]
-    assert len(lookup) == len(mine) and set(lookup) == set(ref)
-    return np.array([lookup[k] for k in ref])
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +56,10 @@ def test_keypoints_in_official_order(dense, variant: str, image: str) -> None:
     ref = np.load(FIX / f"{image}_{variant}.npz")
     kpts, scores, desc = _model(variant).postprocess(*dense[image])
     assert kpts.shape == ref["keypoints"].shape
-    idx = _match(kpts, ref["keypoints"])  # same integer keypoints
+    idx = match_integer_keypoints(kpts, ref["keypoints"])  # same integer keypoints
     # Same order, except where two reference scores agree within the score tolerance: such
     # near-ties (down to 3e-7 relative in this fixture) swap with the CPU's SIMD rounding.
-    swapped = idx != np.arange(len(idx))
-    np.testing.assert_allclose(
-        ref["scores"][swapped], ref["scores"][idx[swapped]], rtol=1e-5, atol=1e-7
-    )
+    assert_order_up_to_ties(ref["scores"], idx, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(scores[idx], ref["scores"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(desc[idx], ref["descriptors"], rtol=0, atol=1e-5)
 
@@ -87,7 +77,7 @@ def test_extractor_matches_official_as_sets(image: str, variant: str) -> None:
     ref = np.load(FIX / f"{image}_{variant}.npz")
     # A gray array goes through the whole extractor (gray -> RGB -> gray is lossless).
     feats = _model(variant).extract(_gray(image))
-    idx = _match(feats.keypoints, ref["keypoints"])
+    idx = match_integer_keypoints(feats.keypoints, ref["keypoints"])
     assert feats.keypoints.dtype == np.float32 and feats.descriptors.shape[1] == 256
     np.testing.assert_array_equal(feats.keypoints[idx], ref["keypoints"])
     np.testing.assert_allclose(feats.scores[idx], ref["scores"], rtol=1e-5, atol=1e-7)
@@ -99,7 +89,7 @@ def test_rgb_jpeg_path_stays_close_to_official() -> None:
     """Our decoder gives RGB; cv2 RGB2GRAY differs from libjpeg's luma in 515 pixels by <= 4."""
     ref = np.load(FIX / "image0_default.npz")
     feats = _model().extract(FIX / "image0.jpg")
-    idx = _match(feats.keypoints, ref["keypoints"])
+    idx = match_integer_keypoints(feats.keypoints, ref["keypoints"])
     np.testing.assert_allclose(feats.scores[idx], ref["scores"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(feats.descriptors[idx], ref["descriptors"], rtol=0, atol=1e-3)
 

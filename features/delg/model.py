@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from features.base import LocalExtractor
 from features.core import ConfigError, ImageReadError
 from features.delg import official
 from features.delg.base import GlobalConf, GlobalExtractor
@@ -55,10 +56,13 @@ def to_local_features(feats: official.DelgFeatures, image_size: tuple[int, int])
 
 
 class DelgResNetConf(GlobalConf):
+    """Official names of these knobs: features.delg.official.OFFICIAL_NAMES. `pyramid`,
+    `score_threshold`, `max_keypoints` and `resize_max` mean what they mean in DELGLocalConf."""
+
     scales: tuple[float, ...] = official.Settings().global_scales
     """Global scales: levels 3, 4, 5 (0.7071, 1, 1.4142) of the official pyramid."""
     resize_max: int | None = 1024
-    """Official max_image_size: longer side after the PIL bilinear pre-resize."""
+    """Longer side after the PIL bilinear pre-resize."""
     depth: Depth = 50
     dataset: Dataset = "gldv2-clean"
     """Training set of the official model: GLDv2-clean or GLDv1 (selects weights, threshold)."""
@@ -67,7 +71,7 @@ class DelgResNetConf(GlobalConf):
     score_threshold: float | None = None
     """Attention threshold of local features; None: the official config's for depth/dataset."""
     max_keypoints: int | None = 1000
-    """Official max_feature_num: local features kept by extract_all, best scores first."""
+    """Local features kept by extract_all, best scores first."""
 
 
 class DelgResNet(GlobalExtractor):
@@ -127,9 +131,22 @@ class DelgResNet(GlobalExtractor):
         """Global + local features in the official extractor's conventions ((y, x) locations)."""
         return official.extract(self.net, load_image(image), self.settings)
 
+    def shares_pass_with(self, local: LocalExtractor) -> bool:
+        """True when `local` is DELG's local plug-in on the same weights with the same pyramid,
+        score threshold, feature count and pre-resize: then `extract_all` gives its features
+        from the global model's forward passes (as the paper intends) instead of a second run."""
+        from features.local.delg_local import DELGLocal  # that module imports this one
+
+        if not isinstance(local, DELGLocal) or local.weights_path != self.weights_path:
+            return False
+        mine, theirs = self.settings, local.settings
+        fields = ("image_scales", "score_threshold", "max_feature_num", "max_image_size")
+        return all(getattr(mine, f) == getattr(theirs, f) for f in fields)
+
     def extract_all(self, image: ImageInput) -> tuple[np.ndarray, LocalFeatures]:
         """(D,) global descriptor and local features (retr conventions) of one image, from one
-        forward pass per pyramid level: the levels shared by both skip a second backbone run."""
+        forward pass per pyramid level: the levels shared by both skip a second backbone run.
+        They equal `local.extract`'s for any `local` with `shares_pass_with(local)`."""
         rgb = load_image(image)
         feats = official.extract(self.net, rgb, self.settings)
         if feats.global_descriptor is None:

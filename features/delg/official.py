@@ -46,9 +46,21 @@ MIN_SIDE = 10
 WEIGHTS_SOURCE = "convert the official DELG release with `retr convert delg SRC OUT.pt`"
 
 
+OFFICIAL_NAMES = {
+    "image_scales": "pyramid",
+    "global_scales_ind": "scales",
+    "max_image_size": "resize_max",
+    "max_feature_num": "max_keypoints",
+}
+"""DelfConfig field -> retr knob, for both DELG plug-ins (DelgResNet, DELGLocal; same name:
+score_threshold). `scales` lists the global scales themselves, not their indices into the
+pyramid; max_feature_num has no "all" value, retr's max_keypoints None. Each plug-in's `settings`
+property converts its config to these Settings."""
+
+
 @dataclass(frozen=True)
 class Settings:
-    """The DelfConfig fields the DELG extractor reads (official names)."""
+    """The DelfConfig fields the DELG extractor reads (official names, see OFFICIAL_NAMES)."""
 
     image_scales: tuple[float, ...] = IMAGE_SCALES
     global_scales_ind: tuple[int, ...] = GLOBAL_SCALES_IND

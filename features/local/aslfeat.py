@@ -7,7 +7,8 @@ Keypoints are peaks of a "peakiness" score computed on three levels (conv1, conv
 full resolution, filtered (threshold, 3x3 NMS, border, edge test), refined to sub-pixel precision
 and described by bilinear sampling of the descriptor map. The default is the official
 `configs/matching_eval.yaml`: a 3-scale image pyramid and 8000 keypoints;
-`ASLFeat(multi_scale=False, max_keypoints=5000, max_dim=2000)` is `configs/hseq_eval.yaml`.
+`ASLFeat(pyramid=False, max_keypoints=5000, resize_max=2000)` is `configs/hseq_eval.yaml`.
+Official config names: OFFICIAL_NAMES.
 
 The official weights are a TensorFlow checkpoint: convert them once with
 `retr convert aslfeat CKPT aslfeat_v2.pt` (features.convert.aslfeat).
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor
@@ -344,22 +346,35 @@ class ScaleFeatures:
     size: tuple[int, int]
 
 
+OFFICIAL_NAMES = {
+    "kpt_n": "max_keypoints",
+    "max_dim": "resize_max",
+    "multi_scale": "pyramid",
+    "score_thld": "score_threshold",
+    "edge_thld": "edge_threshold",
+    "nms_size": "nms_radius",
+    "eof_mask": "remove_borders",
+    "kpt_refinement": "subpixel",
+}
+"""Official config key -> retr knob. nms_size is the side of the max-pool window: an odd
+nms_size is nms_radius (nms_size - 1) / 2, so the official 3 is radius 1."""
+
+
 class ASLFeatConf(LocalConf):
     """Defaults are the official configs/matching_eval.yaml (README quick start)."""
 
     max_keypoints: int | None = 8000
-    """The official kpt_n: kept per pyramid level and after merging the levels."""
-    resize_max: int | None = None
-    """Unused by default: ASLFeat downscales with its own rule, see `max_dim`."""
-    max_dim: int | None = 2048
-    """Official downscaling: images whose longer side exceeds this are resized (cv2 bilinear)."""
-    multi_scale: bool = True
-    """Official 3-level pyramid (steps of 1/sqrt(2), Gaussian pre-blur); False: one scale."""
+    """Kept per pyramid level and after merging the levels."""
+    resize_max: int | None = 2048
+    """Images whose longer side exceeds this are downscaled first, by the official rule: the grey
+    image, cv2 bilinear with fx = fy (applied in `detect_pyramid`, not by the base class)."""
+    pyramid: bool = True
+    """The official 3-level pyramid (steps of 1/sqrt(2), Gaussian pre-blur); False: one scale."""
     score_threshold: float = 0.5
     edge_threshold: float = 10.0
     """Edge response ratio r of the tr^2/det test; <= 0 disables the test."""
-    nms_window: int = 3
-    """Side of the square max-pooling window for non-maximum suppression; 0 disables NMS."""
+    nms_radius: int = Field(default=1, ge=0)
+    """A peak is the maximum of the (2r + 1) x (2r + 1) window centred on it; 0 disables NMS."""
     remove_borders: int = 5
     """Peaks closer than this many pixels to the border are dropped."""
     subpixel: bool = True
@@ -459,8 +474,8 @@ class ASLFeat(LocalExtractor):
         conf = self.conf
         s = score[None, None]
         mask = s > conf.score_threshold
-        if conf.nms_window > 0:
-            mask &= nms_mask(s, conf.nms_window)
+        if conf.nms_radius > 0:
+            mask &= nms_mask(s, 2 * conf.nms_radius + 1)
         if conf.remove_borders > 0:
             b = conf.remove_borders
             inner = torch.zeros_like(mask)
@@ -471,28 +486,32 @@ class ASLFeat(LocalExtractor):
         rows, cols = torch.nonzero(mask[0, 0], as_tuple=True)
         return rows, cols
 
-    def pyramid(self, gray: np.ndarray) -> list[ScaleFeatures]:
+    def detect_pyramid(self, gray: np.ndarray) -> list[ScaleFeatures]:
         """Detections at every official scale of an (H, W) uint8 grey image, after the official
-        `max_dim` downscaling; each level in its own pixels."""
+        `resize_max` (max_dim) downscaling; each level in its own pixels."""
         h, w = gray.shape
         image = gray
         longest = max(h, w)
-        if self.conf.max_dim is not None and longest > self.conf.max_dim:
-            ratio = self.conf.max_dim / float(longest)
+        if self.conf.resize_max is not None and longest > self.conf.resize_max:
+            ratio = self.conf.resize_max / float(longest)
             image = cv2.resize(gray, (0, 0), fx=ratio, fy=ratio)
         levels = []
-        for i in range(n_scales(h, w) if self.conf.multi_scale else 1):
+        for i in range(n_scales(h, w) if self.conf.pyramid else 1):
             if i > 0:  # each level blurs and shrinks the previous one, as the official loop
                 image = cv2.GaussianBlur(image, (0, 0), PYRAMID_SIGMA / PYRAMID_STEP)
                 image = cv2.resize(image, None, fx=PYRAMID_STEP, fy=PYRAMID_STEP)
             levels.append(self.detect(image))
         return levels
 
+    def _downscale(self, image: np.ndarray) -> np.ndarray:
+        """Unchanged: the official rule resizes the grey image, in `detect_pyramid`."""
+        return image
+
     def _extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
         h, w = gray.shape
         kpts, scores, descs = [], [], []
-        for level in self.pyramid(gray):
+        for level in self.detect_pyramid(gray):
             # The official code maps level keypoints with x * W / w_level, treating the integer
             # pixel centres as corners; retr's convention is (x + 0.5) * W / w_level - 0.5.
             lw, lh = level.size

@@ -7,7 +7,8 @@ the 3x3 maximum of its channel and not on an edge (Hessian test); one Newton ste
 sub-cell precision; its descriptor is the bilinearly interpolated feature vector and its score the
 activation. This is the official test-time pipeline (mihaidusmanu/d2-net@0a3356c:
 extract_features.py with lib/model_test.py, lib/pyramid.py, lib/utils.py) with its defaults:
-caffe preprocessing, the max_edge / max_sum_edges size policy, single scale unless `multiscale`.
+caffe preprocessing, the official size policy (`resize_max`, then `resize_max_sum`), single scale
+unless `pyramid` lists more scales. Official option names: OFFICIAL_NAMES.
 (The soft detection score of lib/model.py, SoftDetectionModule, serves only training; the official
 extractor detects with HardDetectionModule, reproduced here.)
 
@@ -16,16 +17,16 @@ Licence of the official code and the `d2_tf.pth` / `d2_ots.pth` weights: BSD-3-C
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor
-from features.image import to_pixel_frame
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 
 # VGG16 conv1_1 .. conv4_3 as in lib/model_test.py: numbers are conv widths, "M" a 2x2 max-pool,
@@ -36,7 +37,16 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68]).reshape(3, 1, 1)
 TORCH_MEAN = np.array([0.485, 0.456, 0.406]).reshape(3, 1, 1)
 TORCH_STD = np.array([0.229, 0.224, 0.225]).reshape(3, 1, 1)
 MULTISCALE = (0.5, 1.0, 2.0)
-"""process_multiscale's default scales, coarse to fine."""
+"""process_multiscale's default scales, coarse to fine: the `pyramid` of --multiscale."""
+OFFICIAL_NAMES = {
+    "max_edge": "resize_max",
+    "max_sum_edges": "resize_max_sum",
+    "multiscale": "pyramid",
+    "model_file": "model",
+}
+"""extract_features.py option -> retr knob (same name: preprocessing, use_relu). --multiscale
+is pyramid=MULTISCALE, its absence pyramid=(1.0,); model_file d2_tf.pth / d2_ots.pth is
+model="d2_tf" / "d2_ots"."""
 EDGE_THRESHOLD = 5.0
 """HardDetectionModule's edge_threshold r: keep tr(H)^2 / det(H) <= (r + 1)^2 / r."""
 CHECKPOINT_PREFIX = "dense_feature_extraction.model."
@@ -91,18 +101,19 @@ class D2NetConf(LocalConf):
     max_keypoints: int | None = 4096
     """The official extractor keeps every detection (10k+ on large images); retr caps the count
     because reranking cost grows with it. None keeps all, as the official code does."""
-    resize_max: int | None = None
-    """Off: D2-Net applies its own size policy (max_edge, max_sum_edges) inside the plug-in."""
+    resize_max: int | None = 1600
+    """Official max_edge: downscale (never upscale) so the longer side is at most this, with the
+    official arithmetic (`official_resize`); None: no bound."""
+    resize_max_sum: int | None = 2800
+    """Official max_sum_edges: then downscale so that height + width is at most this; None: no
+    bound."""
     model: Literal["d2_tf", "d2_ots"] = "d2_tf"
     """d2_tf: VGG16 tuned on MegaDepth (official default); d2_ots: off-the-shelf Caffe VGG16."""
-    multiscale: bool = False
-    """Run the official 3-level pyramid (scales 0.5, 1, 2) instead of a single scale."""
+    pyramid: tuple[Annotated[float, Field(gt=0)], ...] = Field((1.0,), min_length=1)
+    """Image scales, coarse to fine, as process_multiscale: (1.0,) is the official single scale,
+    MULTISCALE (0.5, 1, 2) the official --multiscale."""
     preprocessing: Literal["caffe", "torch"] = "caffe"
     """Network input normalisation: caffe (BGR, mean-subtracted 0-255) or torch (ImageNet)."""
-    max_edge: int = 1600
-    """Downscale (never upscale) so the longer side is at most this, as extract_features.py."""
-    max_sum_edges: int = 2800
-    """Then downscale so that height + width is at most this."""
     use_relu: bool = True
     """ReLU on the dense features (extract_features.py --no-relu turns it off)."""
 
@@ -162,17 +173,17 @@ class D2Net(LocalExtractor):
         taken as it is (no size policy)."""
         return self._features(self.network_input(image))
 
+    def _downscale(self, image: np.ndarray) -> np.ndarray:
+        """extract_features.py's size policy instead of the base class's area resize."""
+        return official_resize(image, self.conf.resize_max, self.conf.resize_max_sum)
+
     def _extract(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keypoints in the pixels of `image`, in the official order (level, channel, row, col)."""
-        small = official_resize(image, self.conf.max_edge, self.conf.max_sum_edges)
-        kpts, scores, desc = self.pyramid(self.network_input(small))
-        if small.shape != image.shape:
-            h, w = image.shape[:2]
-            scale = (small.shape[1] / w, small.shape[0] / h)
-            kpts = torch.from_numpy(to_pixel_frame(kpts.cpu().numpy(), *scale))
-        return kpts, scores, desc
+        return self.process_multiscale(self.network_input(image))
 
-    def pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def process_multiscale(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """lib/pyramid.py process_multiscale on a (1, 3, H, W) network input.
 
         Returns keypoints (N, 2) x, y in the pixels of `x`, scores (N,), descriptors (N, 512).
@@ -182,7 +193,7 @@ class D2Net(LocalExtractor):
         found = []
         previous: torch.Tensor | None = None
         banned: torch.Tensor | None = None
-        for idx, scale in enumerate(MULTISCALE if self.conf.multiscale else (1.0,)):
+        for idx, scale in enumerate(self.conf.pyramid):
             level = F.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=True)
             if min(level.shape[-2:]) < MIN_LEVEL_SIDE:
                 continue  # the official code crashes on such a level; here it yields nothing
@@ -206,17 +217,20 @@ class D2Net(LocalExtractor):
         return kpts, scores, desc
 
 
-def official_resize(image: np.ndarray, max_edge: int, max_sum_edges: int) -> np.ndarray:
+def official_resize(
+    image: np.ndarray, max_edge: int | None, max_sum_edges: int | None
+) -> np.ndarray:
     """extract_features.py's size policy on an (H, W, 3) uint8 image (never upscales).
 
-    First the longer side is brought to max_edge, then height + width to max_sum_edges, each with
-    scipy.misc.imresize(image, factor): the size is truncated and PIL bilinear does the resampling.
-    Not reproduced: when both steps apply, imresize also stretched the contrast of the (float)
-    intermediate image to 0..255, a side effect of that deprecated function.
+    First the longer side is brought to max_edge, then height + width to max_sum_edges (None:
+    that step is skipped), each with scipy.misc.imresize(image, factor): the size is truncated and
+    PIL bilinear does the resampling. Not reproduced: when both steps apply, imresize also
+    stretched the contrast of the (float) intermediate image to 0..255, a side effect of that
+    deprecated function.
     """
-    if max(image.shape[:2]) > max_edge:
+    if max_edge is not None and max(image.shape[:2]) > max_edge:
         image = _imresize(image, max_edge / max(image.shape[:2]))
-    if sum(image.shape[:2]) > max_sum_edges:
+    if max_sum_edges is not None and sum(image.shape[:2]) > max_sum_edges:
         image = _imresize(image, max_sum_edges / sum(image.shape[:2]))
     return image
 

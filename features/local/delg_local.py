@@ -24,18 +24,18 @@ from features.delg.model import Dataset, Depth, load_net, to_local_features
 
 
 class DELGLocalConf(LocalConf):
+    """Official names of these knobs: features.delg.official.OFFICIAL_NAMES."""
+
     max_keypoints: int | None = 1000
-    """Official max_feature_num."""
-    resize_max: int | None = None
-    """None: DELG pre-resizes itself, to `max_image_size` with PIL bilinear as the official
-    extractor does; set it only to add retr's generic downscale in front."""
-    max_image_size: int | None = 1024
-    """Official max_image_size (longer side after the pre-resize); None: never resize."""
+    """Features kept, best attention first."""
+    resize_max: int | None = 1024
+    """Longer side after the pre-resize, which the official extractor does itself (PIL bilinear,
+    keypoints mapped back by its own factors); None: never resize."""
     depth: Depth = 50
     dataset: Dataset = "gldv2-clean"
     """Training set of the official model: GLDv2-clean or GLDv1 (selects weights, threshold)."""
-    scales: tuple[float, ...] = official.IMAGE_SCALES
-    """Pyramid levels, official image_scales."""
+    pyramid: tuple[float, ...] = official.IMAGE_SCALES
+    """Scales of the image pyramid the local features come from."""
     score_threshold: float | None = None
     """Keep cells whose attention is >= this; None: the official config's for depth/dataset
     (r50: 454.6 GLDv2-clean, 175.0 GLDv1; r101: 357.48, 166.1)."""
@@ -65,13 +65,13 @@ class DELGLocal(LocalExtractor):
         """This config in the official extractor's terms (global scales unused here)."""
         threshold = self.conf.score_threshold
         return official.Settings(
-            image_scales=self.conf.scales,
+            image_scales=self.conf.pyramid,
             global_scales_ind=(),
             score_threshold=(
                 self.preset.settings.score_threshold if threshold is None else threshold
             ),
             max_feature_num=self.conf.max_keypoints or np.iinfo(np.int32).max,
-            max_image_size=self.conf.max_image_size,
+            max_image_size=self.conf.resize_max,
         )
 
     @torch.inference_mode()
@@ -81,6 +81,10 @@ class DELGLocal(LocalExtractor):
         x = official.resize_level(official.normalise(image, self.device), scale)
         prob, local = self.net.local_head(self.net.block3(x))
         return prob[0], local[0]
+
+    def _downscale(self, image: np.ndarray) -> np.ndarray:
+        """Unchanged: the official extractor pre-resizes to `resize_max` itself."""
+        return image
 
     def _extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         feats = official.extract(self.net, image, self.settings, want_global=False)

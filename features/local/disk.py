@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
@@ -81,13 +82,19 @@ class DiskUNet(nn.Module):
         return x
 
 
+OFFICIAL_NAMES = {"--n": "max_keypoints", "--window": "nms_radius"}
+"""detect.py option -> retr knob. `--window w` is the side of the NMS window: nms_radius
+(w - 1) / 2, so the official 5 is radius 2."""
+
+
 class DiskConf(LocalConf):
     # CPU-friendly defaults (the official pipelines use 1600 px and 5000 keypoints on a GPU):
     # DISK's full-resolution U-Net costs about 0.3 MFLOP per pixel.
     max_keypoints: int | None = 1024
     resize_max: int | None = 640
-    nms_window: int = 5
-    """Side of the square window in which a keypoint must be the maximum (official: 5)."""
+    nms_radius: int = Field(default=2, ge=0)
+    """A keypoint is the maximum of the (2r + 1) x (2r + 1) window centred on it (official
+    window 5: r = 2)."""
 
 
 class DISK(LocalExtractor):
@@ -131,7 +138,7 @@ class DISK(LocalExtractor):
     def _extract(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.dense(image)
         heatmap, desc = out[128], out[:128]
-        ys, xs = nms_peaks(heatmap, self.conf.nms_window)
+        ys, xs = nms_peaks(heatmap, self.conf.nms_radius)
         scores = heatmap[ys, xs]
         if self.conf.max_keypoints is not None and len(scores) > self.conf.max_keypoints:
             keep = torch.topk(scores, self.conf.max_keypoints).indices
@@ -140,12 +147,13 @@ class DISK(LocalExtractor):
         return kpts, scores, desc[:, ys, xs].T
 
 
-def nms_peaks(heatmap: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows and columns of pixels that are the arg-max of the window centred on them, with a
-    positive value. Ties go to the first pixel in row-major order, as in the official code."""
+def nms_peaks(heatmap: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of pixels that are the arg-max of the (2r + 1)^2 window centred on them,
+    with a positive value. Ties go to the first pixel in row-major order, as in the official
+    code."""
     h, w = heatmap.shape
     _, idx = F.max_pool2d(
-        heatmap[None, None], window, stride=1, padding=window // 2, return_indices=True
+        heatmap[None, None], 2 * radius + 1, stride=1, padding=radius, return_indices=True
     )
     own = torch.arange(h * w, device=heatmap.device).view(1, 1, h, w)
     ys, xs = torch.nonzero((idx == own)[0, 0] & (heatmap > 0), as_tuple=True)

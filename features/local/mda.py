@@ -59,7 +59,7 @@ from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
 from features.core import CheckpointError, ConfigError, ImageReadError, StrictConf, parse_conf
-from features.image import ImageInput, load_image, resize_max
+from features.image import ImageInput, load_image
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 
 FORMAT = "retr-mda-v1"
@@ -287,13 +287,17 @@ def select_local(
 PositiveFloat = Annotated[float, Field(gt=0)]
 
 
+OFFICIAL_NAMES = {"features_num": "max_keypoints", "image_size": "resize_max", "scales": "pyramid"}
+"""HOW's inference option (MDA has no official code; HOW is its reference) -> retr knob."""
+
+
 class MdaConf(LocalConf):
     max_keypoints: int | None = 1000
-    """HOW's `features_num` (the paper keeps the top n locations)."""
+    """The paper keeps the top n locations (HOW: 1000)."""
     resize_max: int | None = 1024
-    """HOW's `image_size`: downscale to this longer side, never upscale."""
-    scales: tuple[PositiveFloat, ...] = Field(HOW_SCALES, min_length=1)
-    """Pyramid of the local features (HOW's multi-scale inference)."""
+    """Downscale to this longer side, never upscale (HOW: 1024)."""
+    pyramid: tuple[PositiveFloat, ...] = Field(HOW_SCALES, min_length=1)
+    """Scales of the local features' image pyramid (HOW's multi-scale inference)."""
 
 
 class MDA(LocalExtractor):
@@ -346,13 +350,14 @@ class MDA(LocalExtractor):
         return levels
 
     def _extract(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        levels = self._pyramid(image, self.conf.scales)
+        levels = self._pyramid(image, self.conf.pyramid)
         return select_local(levels, self.conf.max_keypoints)
 
     @torch.inference_mode()
     def head_descriptors(self, image: ImageInput, scales: tuple[float, ...] = (1.0,)) -> np.ndarray:
-        """(N, D) training-time global features, one L2-normalised row per head (choice 6)."""
-        small, _ = resize_max(load_image(image), self.conf.resize_max)
+        """(N, D) training-time global features, one L2-normalised row per head (choice 6), pooled
+        over the global `scales` (not the local `pyramid`)."""
+        small = self._downscale(load_image(image))
         levels = self._pyramid(small, scales)
         pooled = torch.zeros(self.num_heads, self.descriptor_dim, device=self.device)
         for lv in levels:

@@ -83,23 +83,39 @@ class QuadL2NetConfCFS(nn.Module):
         return R2D2Maps(F.normalize(x, p=2, dim=1), reliability, sal / (1 + sal))
 
 
+OFFICIAL_NAMES = {
+    "--top-k": "max_keypoints",
+    "--reliability-thr": "reliability_threshold",
+    "--repeatability-thr": "repeatability_threshold",
+    "--scale-f": "pyramid_scale_factor",
+    "--min-scale": "pyramid_min_scale",
+    "--max-scale": "pyramid_max_scale",
+    "--min-size": "pyramid_min_side",
+    "--max-size": "pyramid_max_side",
+}
+"""extract.py option -> retr knob. The pyramid's schedule is bounded by scales and by the
+longer side of a level, not by resizing the image: the `pyramid_` knobs."""
+
+
 class R2D2Conf(LocalConf):
     max_keypoints: int | None = 5000
-    """extract.py --top-k."""
+    """Official --top-k."""
     resize_max: int | None = None
-    """None: the pyramid's own max_size policy decides the first scale (official behaviour)."""
+    """None: the pyramid's own bounds decide the first level (official behaviour); a value
+    downscales the image before the pyramid, as for every plug-in."""
     reliability_threshold: float = 0.7
     repeatability_threshold: float = 0.7
-    scale_factor: float = Field(2**0.25, gt=1.0)
+    pyramid_scale_factor: float = Field(2**0.25, gt=1.0)
     """Ratio between consecutive pyramid levels."""
-    min_scale: float = 0.0
+    pyramid_min_scale: float = 0.0
     """Smallest pyramid scale; set 1.0 for single-scale extraction."""
-    max_scale: float = 1.0
-    min_size: int = 256
+    pyramid_max_scale: float = 1.0
+    """Largest pyramid scale."""
+    pyramid_min_side: int = 256
     """Levels whose longer side would fall below this are not computed (images smaller than this
     yield no keypoints, as in the official code)."""
-    max_size: int = 1024
-    """Levels whose longer side exceeds this are skipped."""
+    pyramid_max_side: int = 1024
+    """Levels whose longer side exceeds this are skipped (computed through, not run)."""
 
 
 class R2D2(LocalExtractor):
@@ -171,16 +187,16 @@ def pyramid(x: torch.Tensor, conf: R2D2Conf) -> list[torch.Tensor]:
 
     Each level is resized from the previous one (a cascade, no antialiasing) to the rounded size of
     the original (1, C, H, W) times the running scale s, as extract_multiscale does; levels above
-    max_size are resized through but not returned.
+    pyramid_max_side are resized through but not returned.
     """
     h, w = x.shape[-2:]
-    lowest = max(conf.min_scale, conf.min_size / max(h, w))
-    highest = min(conf.max_scale, conf.max_size / max(h, w))
+    lowest = max(conf.pyramid_min_scale, conf.pyramid_min_side / max(h, w))
+    highest = min(conf.pyramid_max_scale, conf.pyramid_max_side / max(h, w))
     levels, s = [], 1.0
     while s + 0.001 >= lowest:  # the official loop's tolerances, kept for identical levels
         if s - 0.001 <= highest:
             levels.append(x)
-        s /= conf.scale_factor
+        s /= conf.pyramid_scale_factor
         if s + 0.001 >= lowest:
             x = F.interpolate(x, (round(h * s), round(w * s)), mode="bilinear", align_corners=False)
     return levels

@@ -89,14 +89,23 @@ class SEKDNet(nn.Module):
         return SEKDMaps(confidence, self.descriptor(f2))
 
 
+OFFICIAL_NAMES = {
+    "max_height": "resize_max_height",
+    "max_width": "resize_max_width",
+    "conf_thresh": "confidence_threshold",
+}
+"""live_demo_tracking.py option -> retr knob (same name: max_keypoints, nms_radius). The demo
+bounds height and width separately, unlike `resize_max` (the longer side): hence the names."""
+
+
 class SEKDConf(LocalConf):
     max_keypoints: int | None = 500
     resize_max: int | None = None
-    """None: the demo's own max_height / max_width rule applies instead (inside the plug-in)."""
-    max_height: int | None = 480
-    """Frames taller than max_height or wider than max_width are downscaled to fit (demo default:
-    640 x 480); None lifts that bound."""
-    max_width: int | None = 640
+    """None: only the demo's box rule (resize_max_height, resize_max_width) downscales."""
+    resize_max_height: int | None = 480
+    """Frames taller than resize_max_height or wider than resize_max_width are downscaled to fit
+    that box, as the demo does (demo default: 640 x 480); None lifts that bound."""
+    resize_max_width: int | None = 640
     nms_radius: int = 4
     """A keypoint is the maximum of the (2r+1) x (2r+1) window centred on it."""
     confidence_threshold: float = 0.55
@@ -161,9 +170,10 @@ class SEKD(LocalExtractor):
 
     def _demo_resize(self, image: np.ndarray) -> np.ndarray:
         """The live demo's rule on the float (H, W, 3) frame: shrink bilinearly by
-        min(max_h / H, max_w / W) when the frame exceeds either bound."""
+        min(max_h / H, max_w / W) when the frame exceeds either bound. On the float frame, as the
+        demo, so it stays here rather than in `_downscale` (which sees uint8)."""
         h, w = image.shape[:2]
-        max_h, max_w = self.conf.max_height or h, self.conf.max_width or w
+        max_h, max_w = self.conf.resize_max_height or h, self.conf.resize_max_width or w
         if h <= max_h and w <= max_w:
             return image
         r = min(max_h / h, max_w / w)

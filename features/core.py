@@ -73,9 +73,12 @@ class PlotError(RetrError):
 
 
 class StrictConf(BaseModel):
-    """A frozen config that rejects unknown keys (a typo raises instead of being ignored)."""
+    """A frozen config that rejects unknown keys (a typo raises instead of being ignored). The
+    docstring under a field is its description (the CLI shows it as the option's help)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, protected_namespaces=(), use_attribute_docstrings=True
+    )
 
 
 C = TypeVar("C", bound=StrictConf)
@@ -86,9 +89,24 @@ def parse_conf(conf_cls: type[C], values: dict[str, Any], what: str) -> C:
     try:
         return conf_cls.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(
-            f"{what}: {validation_message(exc)} (valid options: {', '.join(conf_cls.model_fields)})"
-        ) from None
+        nested = [e["ctx"]["error"] for e in exc.errors() if _is_config_error(e)]
+        if nested:  # a nested config already said it in one line
+            raise ConfigError(f"{what}: {nested[0]}") from None
+        valid = ", ".join(conf_cls.model_fields)
+        raise ConfigError(f"{what}: {validation_message(exc)} (valid options: {valid})") from None
+
+
+def _is_config_error(error: Any) -> bool:
+    return isinstance(error.get("ctx", {}).get("error"), ConfigError)
+
+
+def field_help(conf_cls: type[StrictConf], name: str) -> str:
+    """The description of a config field (its docstring), for CLI help."""
+    return (conf_cls.model_fields[name].description or "").split("\n\n")[0].replace("\n", " ")
+
+
+def field_default(conf_cls: type[StrictConf], name: str) -> Any:
+    return conf_cls.model_fields[name].default
 
 
 def validation_message(exc: ValidationError) -> str:

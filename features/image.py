@@ -42,7 +42,10 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     path = Path(source)
     if not path.is_file():
         raise ImageReadError(path, "no such file")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # permissions, I/O errors, a file that vanished
+        raise ImageReadError(path, f"unreadable file ({exc.strerror or exc})") from None
     if not data:
         raise ImageReadError(path, "empty file (0 bytes)")
     try:

@@ -10,7 +10,8 @@ import importlib
 from typing import Any
 
 from features.base import LocalExtractor
-from features.core import ConfigError
+from features.core import ConfigError, parse_conf
+from features.delg.base import GlobalExtractor
 
 LOCAL_METHODS: dict[str, str] = {
     "disk": "features.local.disk:DISK",
@@ -55,8 +56,8 @@ DEFAULT_GLOBAL = "efficientnet-lite2"
 DEFAULT_LOCAL = "disk"
 
 
-def load_global(name: str, conf: dict[str, Any] | None = None, device: Any = None) -> Any:
-    """Build the global model `name` (features.delg.base.GlobalExtractor) with `conf` overrides."""
+def global_class(name: str) -> tuple[type[GlobalExtractor], dict[str, Any]]:
+    """The class registered as `name` and the config defaults that select its variant."""
     key = name.lower()
     if key not in GLOBAL_MODELS:
         raise ConfigError(
@@ -65,4 +66,23 @@ def load_global(name: str, conf: dict[str, Any] | None = None, device: Any = Non
     target, defaults = GLOBAL_MODELS[key]
     module_name, cls_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    assert issubclass(cls, GlobalExtractor)
+    return cls, defaults
+
+
+def load_global(
+    name: str, conf: dict[str, Any] | None = None, device: Any = None
+) -> GlobalExtractor:
+    """Build the global model `name` with `conf` overrides."""
+    cls, defaults = global_class(name)
     return cls({**defaults, **(conf or {})}, device=device)
+
+
+def check_confs(
+    global_name: str, global_conf: dict[str, Any], local_name: str, local_conf: dict[str, Any]
+) -> None:
+    """Validate plug-in names and their config overrides without building any network (an
+    unknown name or key raises ConfigError listing the valid ones)."""
+    cls, defaults = global_class(global_name)
+    parse_conf(cls.Conf, {**defaults, **global_conf}, f"global model '{global_name}'")
+    parse_conf(local_class(local_name).Conf, local_conf, f"local method '{local_name}'")

@@ -1,17 +1,30 @@
-"""What an index directory holds, and the configuration that built it (`retr.json`)."""
+"""What an index directory holds, and the configuration that built it (`retr.json`).
+
+retr.json            IndexConfig, written at the first build (a copy lives in the manifest)
+manifest.json        the commit record: live segments, whitening, vectors (index.manifest)
+segments/seg-*.h5    immutable feature segments (index.segments)
+whitening-<g>.npz    PCA whitening of generation g (index.whitening)
+vectors-<g>.faiss    FAISS index of generation g (index.vectors)
+codec-<g>.npy        product quantiser of a "pq" local store (index.encoding)
+catalog.sqlite       the catalog, unless `db_url` names another database (index.catalog)
+write.lock           the writer's lock (index.lock)
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import field_validator
+from pydantic import ValidationError, field_validator, model_validator
 
-from features.core import IndexError_, StrictConf
-from features.registry import DEFAULT_GLOBAL, DEFAULT_LOCAL
-from index.store import check_local_dtype
+from features.core import ConfigError, IndexError_, StrictConf, parse_conf, validation_message
+from features.registry import DEFAULT_GLOBAL, DEFAULT_LOCAL, check_confs
+from index.atomic import write_bytes_atomic
+from index.encoding import check_local_dtype
+from index.lock import LOCK_NAME
+from index.manifest import MANIFEST_NAME
+from index.segments import SEGMENTS_DIR
 
 CONFIG_NAME = "retr.json"
 
@@ -31,7 +44,7 @@ class IndexConfig(StrictConf):
     or "auto": chosen by corpus size at each build (index.vectors.choose_factory)."""
     local_dtype: str = "float16"
     """Encoding of local descriptors in the feature store: float16, float32, int8, pq or pq<M>
-    (index.store)."""
+    (index.encoding)."""
     db_url: str | None = None
     """SQLAlchemy URL of the catalog; None = catalog.sqlite inside the index directory."""
     corpus: str | None = None
@@ -41,6 +54,52 @@ class IndexConfig(StrictConf):
     def _known_dtype(cls, value: str) -> str:
         return check_local_dtype(value)
 
+    @field_validator("whitening_shrinkage")
+    @classmethod
+    def _unit_interval(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be between 0 and 1")
+        return value
+
+    @model_validator(mode="after")
+    def _known_plugins(self) -> IndexConfig:
+        """Plug-in names and their config keys are checked here, at the boundary, not when a
+        network is first built."""
+        check_confs(self.global_model, self.global_conf, self.local_method, self.local_conf)
+        return self
+
+    @classmethod
+    def parse(cls, values: dict[str, Any], what: str = "index options") -> IndexConfig:
+        """Validated config; a bad key or value is one ConfigError line. Which fields were
+        given is kept (`model_fields_set`): `settle_config` compares only those."""
+        return parse_conf(cls, values, what)
+
+
+REBUILT = {"index_type"}
+"""Options a later build may change: what they decide is rebuilt from the stores every time."""
+
+
+def settle_config(
+    existing: IndexConfig | None, requested: IndexConfig | None, corpus: str | None = None
+) -> IndexConfig:
+    """The config an index is (re)built with: a new index takes `requested` (with `corpus`);
+    an existing one keeps its own, and requested options that contradict it are an error,
+    except those in REBUILT, which win."""
+    requested = requested or IndexConfig()
+    given = requested.model_fields_set - {"corpus"}
+    if existing is None:
+        return requested.model_copy(update={"corpus": corpus or requested.corpus})
+    diff = sorted(
+        k for k in given if getattr(requested, k) != getattr(existing, k) and k not in REBUILT
+    )
+    if diff:
+        raise ConfigError(
+            f"the index was built with other settings ({', '.join(diff)} differ); use a new "
+            "--index directory, or drop those options to reuse its settings"
+        )
+    rebuilt = {k: getattr(requested, k) for k in given & REBUILT}
+    return existing.model_copy(update=rebuilt) if rebuilt else existing
+
 
 class IndexPaths:
     """The files of one index directory."""
@@ -48,17 +107,20 @@ class IndexPaths:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.config = self.root / CONFIG_NAME
+        self.manifest = self.root / MANIFEST_NAME
+        self.segments = self.root / SEGMENTS_DIR
         self.catalog = self.root / "catalog.sqlite"
-        self.global_store = self.root / "global.h5"
-        self.local_store = self.root / "local.h5"
-        self.vectors = self.root / "vectors.faiss"
-        self.whitening = self.root / "whitening.npz"
+        self.lock = self.root / LOCK_NAME
 
     def db_url(self, config: IndexConfig) -> str:
         return config.db_url or f"sqlite:///{self.catalog.resolve()}"
 
     def exists(self) -> bool:
-        return self.config.is_file()
+        """Whether the directory holds an index (its config, or a manifest to restore it from)."""
+        return self.config.is_file() or self.manifest.is_file()
+
+    def repair_hint(self) -> str:
+        return f"run `retr index repair --index {self.root}`"
 
     def read_config(self) -> IndexConfig:
         if not self.exists():
@@ -66,16 +128,20 @@ class IndexPaths:
                 f"{self.root} is not a retr index (no {CONFIG_NAME}); "
                 f"build one with `retr index build CORPUS --index {self.root}`"
             )
-        return IndexConfig.model_validate(json.loads(self.config.read_text()))
+        try:
+            return parse_config(json.loads(self.config.read_bytes()))
+        except (OSError, ValueError, ValidationError) as exc:
+            detail = validation_message(exc) if isinstance(exc, ValidationError) else exc
+            raise IndexError_(
+                f"index config {self.config} is damaged ({str(detail)[:160]}); {self.repair_hint()}"
+            ) from None
 
     def write_config(self, config: IndexConfig) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(json.dumps(config.model_dump(), indent=2, sort_keys=True))
-        os.replace(tmp, self.config)
+        blob = json.dumps(config.model_dump(), indent=2, sort_keys=True)
+        write_bytes_atomic(self.config, blob.encode())
 
-    def sizes(self) -> dict[str, int]:
-        """Bytes on disk of each file of the index (files that exist)."""
-        files = [self.config, self.catalog, self.global_store, self.local_store]
-        files += [self.vectors, self.whitening]
-        return {f.name: f.stat().st_size for f in files if f.is_file()}
+
+def parse_config(data: Any) -> IndexConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return IndexConfig.model_validate(data)

@@ -23,17 +23,16 @@ to -1: searches skip it, it is saved with the index, and `retr index build` purg
 rebuilding. Search asks FAISS for more than k results while tombstones crowd out live ones (at
 most k + tombstones), so k live ones come back.
 
-Saved atomically (temp file + os.replace). With a FAISS GPU build and a CUDA device, an IVF's
-k-means trains on the GPUs and searches run on a GPU copy of the index; the CPU index stays the
-master that is edited and saved, and the GPU copy is refreshed after every change. Only the CPU
-path is tested.
+Saved atomically (index.atomic: temp file, fsync, os.replace). With a FAISS GPU build and a
+CUDA device, an IVF's k-means trains on the GPUs and searches run on a GPU copy of the index; the
+CPU index stays the master that is edited and saved, and the GPU copy is refreshed after every
+change. Only the CPU path is tested.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ import faiss
 import numpy as np
 
 from features.core import ConfigError, IndexError_
+from index.atomic import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -279,15 +279,22 @@ class VectorIndex:
             return self.index
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        """Write the index as `path` (temp file, fsync, rename)."""
+        write_atomic(path, lambda tmp: faiss.write_index(self.index, str(tmp)))
 
     @classmethod
     def load(cls, path: Path, factory: str = "Flat") -> VectorIndex:
-        if not path.is_file():
-            raise IndexError_(f"vector index {path} is missing; run `retr index build` again")
-        return cls(faiss.read_index(str(path)), factory)
+        """Read a saved index; a missing or damaged file is one IndexError_ naming it."""
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            what = "missing" if not path.is_file() else "damaged"
+            detail = str(exc).strip().splitlines()[-1][:120] if what == "damaged" else ""
+            raise IndexError_(
+                f"vector index {path} is {what}{f' ({detail})' if detail else ''}; run "
+                f"`retr index repair --index {path.parent}`"
+            ) from None
+        return cls(index, factory)
 
 
 def _drop_missing(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,11 +11,14 @@ shrinkage = 0 is plain whitening, 1 is centring only. The whitened descriptor is
 
 from __future__ import annotations
 
-import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from features.core import IndexError_
+from index.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,32 @@ class Whitening:
         return y[0] if single else y
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, mean=self.mean, projection=self.projection, shrinkage=self.shrinkage)
-        os.replace(tmp, path)
+        """Write as `path` (npz; temp file, fsync, rename)."""
+
+        def fill(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, mean=self.mean, projection=self.projection, shrinkage=self.shrinkage)
+
+        write_atomic(path, fill)
 
     @classmethod
     def load(cls, path: Path) -> Whitening:
-        with np.load(path) as z:
-            return cls(z["mean"], z["projection"], float(z["shrinkage"]))
+        """Read a saved whitening; a missing or damaged file is one IndexError_ naming it."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                out = cls(z["mean"], z["projection"], float(z["shrinkage"]))
+        except FileNotFoundError:
+            raise IndexError_(
+                f"whitening {path} is missing; run `retr index repair --index {path.parent}`"
+            ) from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise IndexError_(
+                f"whitening {path} is damaged ({str(exc)[:100] or type(exc).__name__}); run "
+                f"`retr index repair --index {path.parent}`"
+            ) from None
+        if out.projection.ndim != 2 or out.mean.shape != (out.projection.shape[1],):
+            raise IndexError_(
+                f"whitening {path} is damaged (shapes {out.mean.shape}, "
+                f"{out.projection.shape}); run `retr index repair --index {path.parent}`"
+            )
+        return out

@@ -1,13 +1,16 @@
 """Search, reranking and recognition on top of a retr index.
 
+- `search`: the one search path (shortlist, rerank, catalog, vote) and its typed config.
 - `matching`: mutual-nearest-neighbour descriptor matching.
 - `verification`: RANSAC geometric verification with OpenCV's USAC.
 - `rerank`: shortlist reranking by inlier counts.
 - `recognition`: the landmark vote.
-- `building`: corpus scanning and index building.
+- `ingest`: the one ingest path (a file in, its outcome out); `building`, `updating`: build,
+  add, remove and update on top of it.
+- `maintenance`: `retr index check` and `retr index repair`.
 - `api`: the Retriever facade; `cli`: the `retr` command.
 """
 
-from retrieval.api import Match, Recognition, Retriever
+from retrieval.api import Match, Recognition, Retriever, SearchConf, SearchResult
 
-__all__ = ["Match", "Recognition", "Retriever"]
+__all__ = ["Match", "Recognition", "Retriever", "SearchConf", "SearchResult"]

@@ -2,56 +2,39 @@
 
     from retrieval import Retriever
     r = Retriever.build("photos/", "idx")          # or Retriever.open("idx")
-    r.search("query.jpg", k=10)                    # -> list[Match]
-    r.recognize("query.jpg")                       # -> Recognition(label, confidence, evidence)
+    result = r.search("query.jpg", k=10)           # SearchResult: matches, recognition, timings
+    r.recognize("query.jpg")                       # Recognition(label, confidence, evidence)
 
 `image` arguments accept a path, an (H, W, 3) uint8 RGB array, or a PIL image.
+
+A Retriever reads one published generation of the index at a time (index.snapshot), never
+blocks writers, and moves to the newest generation between searches (`refresh`, automatic when
+the manifest changed). It holds no per-search state: threads may share one.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
+import threading
+from collections.abc import Collection
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from features.base import LocalExtractor
-from features.core import parse_conf
-from features.image import ImageInput, load_image
-from features.registry import load_global, load_local
+from features.core import IndexError_, StoreMismatchError, parse_conf
+from features.image import ImageInput
+from features.pipeline import Extractors
 from features.types import LocalFeatures
-from index.catalog import Catalog
+from index.catalog import Catalog, mask_url
 from index.layout import IndexConfig, IndexPaths
-from index.store import LocalFeatureStore
-from index.vectors import VectorIndex
-from index.whitening import Whitening
-from retrieval.building import BuildReport, Progress, build_index, shares_pass
-from retrieval.recognition import vote
-from retrieval.rerank import Candidate, RerankConf, Timings
-from retrieval.rerank import rerank as rerank_shortlist
+from index.snapshot import IndexSnapshot
+from retrieval.building import BuildReport, build_index
+from retrieval.ingest import Progress
+from retrieval.search import Match, Recognition, SearchConf, SearchResult, search
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Match:
-    """One search result. global_score: cosine similarity of whitened global descriptors."""
-
-    id: int
-    path: str
-    label: str | None
-    global_score: float
-    inliers: int
-    verified: bool
-
-
-@dataclass(frozen=True)
-class Recognition:
-    label: str
-    confidence: float
-    evidence: list[Match]
+__all__ = ["Match", "Recognition", "Retriever", "SearchConf", "SearchResult"]
 
 
 class Retriever:
@@ -59,15 +42,16 @@ class Retriever:
 
     def __init__(self, index_dir: str | Path, db: str | None = None, device: Any = None) -> None:
         self.paths = IndexPaths(index_dir)
-        self.config: IndexConfig = self.paths.read_config()
-        if db is not None:
-            self.config = self.config.model_copy(update={"db_url": db})
+        if not self.paths.exists():
+            self.paths.read_config()  # raises "not a retr index"
+        self._snapshot = IndexSnapshot.open(self.paths)
+        config = self._snapshot.config
+        self.config: IndexConfig = config.model_copy(update={"db_url": db}) if db else config
         self.device = device
-        self.catalog = Catalog(self.paths.db_url(self.config))
-        self.vectors = VectorIndex.load(self.paths.vectors, self.config.index_type)
-        self.whitening = Whitening.load(self.paths.whitening)
-        self.last_timings = Timings()
-        self.last_build: BuildReport | None = None
+        self.catalog = Catalog(self.paths.db_url(self.config), hint=self.paths.repair_hint())
+        self._lock = threading.Lock()
+        self.build_report: BuildReport | None = None
+        self._check_catalog()
 
     @classmethod
     def open(cls, index_dir: str | Path, db: str | None = None, device: Any = None) -> Retriever:
@@ -82,109 +66,106 @@ class Retriever:
         labels: str | Path | None = None,
         progress: Progress | None = None,
         device: Any = None,
+        wait: float | None = None,
         **options: Any,
     ) -> Retriever:
         """Build (or update) the index of `corpus` and open it. `options` are IndexConfig
         fields, e.g. local_method="disk", local_conf={"max_keypoints": 1024}, db_url=..."""
-        report = build_index(
-            corpus, index_dir, options, labels_csv=labels, progress=progress, device=device
-        )
+        config = IndexConfig.parse(options)
+        report = build_index(corpus, index_dir, config, labels, progress, device, wait)
         retriever = cls(index_dir, db=options.get("db_url"), device=device)
-        retriever.last_build = report
+        retriever.build_report = report
         return retriever
 
-    @cached_property
-    def global_model(self) -> Any:
-        return load_global(self.config.global_model, self.config.global_conf, self.device)
+    def _check_catalog(self) -> None:
+        """A catalog without the rows of a non-empty index is an error, not empty results."""
+        held = self._snapshot.manifest.vector_count
+        if held and self.catalog.count() == 0:
+            raise IndexError_(
+                f"catalog {mask_url(self.catalog.url)} is empty but {self.paths.root} holds "
+                f"{held} images; pass the --db it was built with, or {self.paths.repair_hint()}"
+            )
+
+    # --- the index generation ------------------------------------------------------------------
+
+    def snapshot(self) -> IndexSnapshot:
+        """The newest published generation (re-read only when the manifest changed)."""
+        if self._snapshot.changed():
+            self.refresh()
+        return self._snapshot
+
+    def refresh(self) -> bool:
+        """Move to the newest published generation; returns whether it changed. Searches
+        running on the old one finish on it."""
+        with self._lock:
+            if not self._snapshot.changed():
+                return False
+            fresh = IndexSnapshot.open(self.paths)
+            changed = fresh.generation != self._snapshot.generation
+            self._snapshot = fresh
+            return changed
+
+    @property
+    def generation(self) -> int:
+        return self._snapshot.generation
 
     @cached_property
-    def local(self) -> LocalExtractor:
-        return load_local(self.config.local_method, self.config.local_conf, self.device)
+    def extractors(self) -> Extractors:
+        c = self.config
+        models = Extractors(
+            c.global_model, c.global_conf, c.local_method, c.local_conf, self.device
+        )
+        stored = (
+            self._snapshot.manifest.global_fingerprint,
+            self._snapshot.manifest.local_fingerprint,
+        )
+        if stored[0] and models.fingerprints != stored:
+            raise StoreMismatchError(
+                f"{self.paths.root} was built by extractors {stored}, but its configuration now "
+                f"loads {models.fingerprints} (a weights file changed?); restore the weights "
+                "or build a new index"
+            )
+        return models
 
-    @cached_property
-    def local_store(self) -> LocalFeatureStore:
-        return LocalFeatureStore(self.paths.local_store, self.local.fingerprint, readonly=True)
-
-    def load_local(self, image_id: int) -> LocalFeatures:
-        return self.local_store.get_features(image_id)
-
-    def load_local_many(self, image_ids: list[int]) -> list[LocalFeatures]:
-        return self.local_store.get_features_many(image_ids)
+    # --- searching -----------------------------------------------------------------------------
 
     def search(
         self,
         image: ImageInput,
-        k: int = 10,
-        rerank: bool = True,
-        shortlist: int | None = None,
-        **rerank_options: Any,
-    ) -> list[Match]:
-        """The k best matches of `image`: global shortlist, then (by default) local rerank."""
-        conf = parse_conf(
-            RerankConf,
-            {**({"shortlist": shortlist} if shortlist else {}), **rerank_options},
-            "search options",
-        )
-        timings = Timings()
-        rgb = load_image(image)
-        t0 = time.perf_counter()
-        query: LocalFeatures | None = None
-        if rerank and shares_pass(self.global_model, self.local):
-            raw, query = self.global_model.extract_all(rgb)
-            timings.add("global+local (shared pass)", time.perf_counter() - t0)
-        else:
-            raw = self.global_model.extract(rgb)
-            timings.add("global", time.perf_counter() - t0)
-            if rerank:
-                t_local = time.perf_counter()
-                query = self.local.extract(rgb)
-                timings.add("local", time.perf_counter() - t_local)
-        t0 = time.perf_counter()
-        desc = self.whitening.apply(raw)
-        t1 = time.perf_counter()
-        scores, ids = self.vectors.search(desc[None], max(conf.shortlist, k))
-        t2 = time.perf_counter()
-        timings.add("faiss", t2 - t1)
-        cands = [
-            Candidate(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0
-        ]
-        if rerank and cands:
-            assert query is not None
-            head = rerank_shortlist(
-                query,
-                cands[: conf.shortlist],
-                self.load_local,
-                conf,
-                timings,
-                load_many=self.load_local_many,
-                device=self.device,
-            )
-            cands = head + cands[conf.shortlist :]
-        self.last_timings = timings
-        return self._matches(cands[:k])
+        conf: SearchConf | None = None,
+        *,
+        exclude: Collection[str] = (),
+        **options: Any,
+    ) -> SearchResult:
+        """The best matches of `image`, the landmark it shows and timings. `options` are
+        SearchConf fields (k, rerank, shortlist, vote_top, rerank_conf) over `conf`; `exclude`:
+        catalog paths left out of the results and the vote."""
+        conf = _search_conf(conf, options)
+        args = (self.catalog, self.extractors, image, conf, self.device, exclude)
+        try:
+            return search(self.snapshot(), *args)
+        except IndexError_:
+            if not self.refresh():  # a writer replaced a file this generation used: retry once
+                raise
+            return search(self._snapshot, *args)
 
-    def recognize(self, image: ImageInput, k: int = 10, **search_options: Any) -> Recognition:
-        """The landmark shown in `image`: inlier-weighted vote over the verified top-k."""
-        matches = self.search(image, k=k, **search_options)
-        label, confidence, evidence = vote(matches)
-        return Recognition(label, confidence, [matches[i] for i in evidence])
+    def recognize(
+        self, image: ImageInput, conf: SearchConf | None = None, **options: Any
+    ) -> Recognition:
+        """The landmark shown in `image`: inlier-weighted vote over the verified top results."""
+        return self.search(image, conf, **options).recognition
 
-    def _matches(self, cands: list[Candidate]) -> list[Match]:
-        records = self.catalog.get(c.id for c in cands)
-        out = []
-        for c in cands:
-            rec = records.get(c.id)
-            if rec is None:  # in FAISS but gone from the catalog: never show a dangling id
-                continue
-            out.append(Match(c.id, rec.path, rec.label, c.global_score, c.inliers, c.verified))
-        return out
+    def local_features(self, image_ids: list[int]) -> list[LocalFeatures]:
+        """Stored local features of indexed images, in order."""
+        return self.snapshot().store.local_features(image_ids)
 
     def info(self) -> dict[str, Any]:
-        return {
-            "index": str(self.paths.root),
-            "config": self.config.model_dump(),
-            "images": self.catalog.status_counts(),
-            "vectors": len(self.vectors),
-            "dim": self.vectors.dim,
-            "bytes": self.paths.sizes(),
-        }
+        """What `retr index info` shows (index.maintenance.index_info)."""
+        from index.maintenance import index_info
+
+        return index_info(self.paths.root, db=self.config.db_url)
+
+
+def _search_conf(conf: SearchConf | None, options: dict[str, Any]) -> SearchConf:
+    base = (conf or SearchConf()).model_dump(exclude_unset=conf is None)
+    return parse_conf(SearchConf, {**base, **options}, "search options")

@@ -1,6 +1,8 @@
 """The `retr` command: thin typer wrappers over the library.
 
-Library errors (RetrError) become one red line and exit code 1 here, and only here.
+Library errors (RetrError) become one red line and exit code 1 here, and only here. Options of
+`index build` and `query` take their defaults and help from the config models (IndexConfig,
+SearchConf), and their values are validated by them.
 """
 
 from __future__ import annotations
@@ -16,17 +18,25 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
-from features.core import RetrError
+from features.core import ConfigError, RetrError, field_default, field_help
+from retrieval.search import SearchConf
 
 app = typer.Typer(
     help="retr: landmark image retrieval with a DELG shortlist and local-feature reranking.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-index_app = typer.Typer(help="Build and inspect an index.", no_args_is_help=True)
+index_app = typer.Typer(help="Build, update, inspect and repair an index.", no_args_is_help=True)
 features_app = typer.Typer(help="Local-feature methods.", no_args_is_help=True)
 convert_app = typer.Typer(
     help="Convert official checkpoints to retr's PyTorch format.", no_args_is_help=True
@@ -40,6 +50,15 @@ err_console = Console(stderr=True)
 
 IndexOpt = Annotated[Path, typer.Option("--index", "-i", help="Index directory.")]
 DEFAULT_INDEX = Path("retr-index")
+DbOpt = Annotated[
+    str | None, typer.Option(help="SQLAlchemy URL of the catalog (default: the index's own).")
+]
+WaitOpt = Annotated[
+    float | None,
+    typer.Option(help="Seconds to wait while another process writes the index (default: fail)."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.callback()
@@ -64,11 +83,18 @@ def cli_errors() -> Iterator[None]:
 
 
 @contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress_bar(
+    description: str, quiet: bool = False
+) -> Iterator[Callable[[int, int, str], None] | None]:
+    """A rich progress bar (images done / total, rate, elapsed) fed by a progress callback."""
+    if quiet:
+        yield None
+        return
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TaskProgressColumn(),
         TimeElapsedColumn(),
         TextColumn("{task.fields[current]}"),
     )
@@ -81,6 +107,36 @@ def progress_bar(description: str) -> Iterator[Callable[[int, int, str], None]]:
         yield update
 
 
+def _help_index(name: str) -> str:
+    from index.layout import IndexConfig
+
+    return field_help(IndexConfig, name)
+
+
+def _search_help(name: str) -> str:
+    return field_help(SearchConf, name)
+
+
+def _json_option(name: str, value: str | None) -> dict[str, Any]:
+    """A JSON-object option, or ConfigError in one line."""
+    if value is None:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: not valid JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{name}: expected a JSON object like '{{\"key\": 1}}'")
+    return parsed
+
+
+def _index_config(**given: Any) -> Any:
+    """IndexConfig from the options the user gave (None = not given)."""
+    from index.layout import IndexConfig
+
+    return IndexConfig.parse({k: v for k, v in given.items() if v not in (None, {})})
+
+
 @index_app.command("build")
 def index_build(
     corpus: Annotated[Path, typer.Argument(help="Folder of images; sub-folder name = label.")],
@@ -90,50 +146,43 @@ def index_build(
     ] = None,
     global_model: Annotated[str | None, typer.Option("--global", help="Global model.")] = None,
     max_keypoints: Annotated[int | None, typer.Option(help="Keypoints kept per image.")] = None,
+    local_conf: Annotated[
+        str | None,
+        typer.Option(help="Local-method settings as JSON, e.g. '{\"resize_max\": 800}'."),
+    ] = None,
+    global_conf: Annotated[
+        str | None,
+        typer.Option(help="Global-model settings as JSON, e.g. '{\"scales\": [1.0]}'."),
+    ] = None,
     labels: Annotated[Path | None, typer.Option(help="CSV with columns path,label.")] = None,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
+    db: DbOpt = None,
     weights: Annotated[Path | None, typer.Option(help="Local-method checkpoint path.")] = None,
-    index_type: Annotated[
-        str | None,
-        typer.Option(help="FAISS index: auto (by corpus size), Flat, HNSW32, or a factory string."),
-    ] = None,
-    local_dtype: Annotated[
-        str | None,
-        typer.Option(help="Local descriptor storage: float16, float32, int8, pq or pq<M>."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    index_type: Annotated[str | None, typer.Option(help=_help_index("index_type"))] = None,
+    local_dtype: Annotated[str | None, typer.Option(help=_help_index("local_dtype"))] = None,
+    device: DeviceOpt = "auto",
+    wait: WaitOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Index every new or changed image of CORPUS."""
+    """Index every new or changed image of CORPUS (a killed build resumes where it stopped)."""
     from retrieval.building import build_index
 
-    options: dict[str, Any] = {}
-    if local is not None:
-        options["local_method"] = local
-    if global_model is not None:
-        options["global_model"] = global_model
-    local_conf = {
-        k: v
-        for k, v in (
-            ("max_keypoints", max_keypoints),
-            ("weights", str(weights) if weights else None),
-        )
-        if v
-    }
-    if local_conf:
-        options["local_conf"] = local_conf
-    if db is not None:
-        options["db_url"] = db
-    if index_type is not None:
-        options["index_type"] = index_type
-    if local_dtype is not None:
-        options["local_dtype"] = local_dtype
     with cli_errors():
-        if quiet:
-            report = build_index(corpus, index, options, labels_csv=labels, device=device)
-        else:
-            with progress_bar("indexing") as update:
-                report = build_index(corpus, index, options, labels, update, device)
+        local_values = {
+            **_json_option("--local-conf", local_conf),
+            **({"max_keypoints": max_keypoints} if max_keypoints is not None else {}),
+            **({"weights": str(weights)} if weights else {}),
+        }
+        config = _index_config(
+            local_method=local,
+            global_model=global_model,
+            local_conf=local_values,
+            global_conf=_json_option("--global-conf", global_conf),
+            db_url=db,
+            index_type=index_type,
+            local_dtype=local_dtype,
+        )
+        with progress_bar("indexing", quiet) as update:
+            report = build_index(corpus, index, config, labels, update, device, wait)
     console.print(
         f"indexed {report.indexed} new or changed, {report.unchanged} unchanged, "
         f"{len(report.failed)} failed, {len(report.duplicates)} duplicates "
@@ -142,29 +191,32 @@ def index_build(
     )
     for path, reason in report.failed + report.duplicates:
         console.print(f"  skipped {path}: {reason}", highlight=False)
+    for row in report.ignored_labels:
+        console.print(f"  labels row ignored: {row}", highlight=False)
 
 
 @index_app.command("info")
 def index_info(
     index: IndexOpt = DEFAULT_INDEX,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
+    db: DbOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Counts, configuration and sizes on disk of an index."""
-    from retrieval.api import Retriever
+    from index.maintenance import index_info as describe
 
     with cli_errors():
-        info = Retriever.open(index, db=db).info()
+        info = describe(index, db=db)
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
     table = Table(title=f"retr index {index}", show_header=False)
-    for status, n in sorted(info["images"].items()):
+    for status, n in sorted(info["images"].items()):  # type: ignore[attr-defined]
         table.add_row(f"images {status}", str(n))
-    table.add_row("vectors", f"{info['vectors']} x {info['dim']}")
-    for key, value in info["config"].items():
+    for key in ("generation", "vectors", "segments", "pending"):
+        table.add_row(key, str(info[key]))
+    for key, value in info["config"].items():  # type: ignore[attr-defined]
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-    for name, size in info["bytes"].items():
+    for name, size in info["bytes"].items():  # type: ignore[attr-defined]
         table.add_row(f"size {name}", f"{size / 1e6:.2f} MB")
     console.print(table)
 
@@ -189,18 +241,15 @@ def index_add(
     label: Annotated[
         str | None, typer.Option(help="Label of every added image (default: sub-folder name).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOpt = "auto",
+    wait: WaitOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Add images to a built index without rebuilding it (changed files are re-extracted)."""
     from retrieval.updating import add_images
 
-    with cli_errors():
-        if quiet:
-            report = add_images(index, paths, label, device=device)
-        else:
-            with progress_bar("adding") as update:
-                report = add_images(index, paths, label, update, device)
+    with cli_errors(), progress_bar("adding", quiet) as update:
+        report = add_images(index, paths, label, update, device, wait=wait)
     _print_update(report, index)
 
 
@@ -210,12 +259,13 @@ def index_remove(
         list[str], typer.Argument(help="Catalog ids, or image paths / folders to remove.")
     ],
     index: IndexOpt = DEFAULT_INDEX,
+    wait: WaitOpt = None,
 ) -> None:
-    """Remove images from the catalog, the feature stores and the vector index."""
+    """Remove images from the catalog, the feature store and the vector index."""
     from retrieval.updating import remove_images
 
     with cli_errors():
-        report = remove_images(index, targets)
+        report = remove_images(index, targets, wait=wait)
     _print_update(report, index)
 
 
@@ -225,68 +275,136 @@ def index_update(
         list[Path] | None, typer.Argument(help="Files or folders to re-check (default: all).")
     ] = None,
     index: IndexOpt = DEFAULT_INDEX,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    device: DeviceOpt = "auto",
+    wait: WaitOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Re-extract indexed files whose content changed, drop those that are gone.
+    """Re-extract indexed files whose content changed or whose features were lost, drop those
+    that are gone.
 
     The whitening stays fixed; `retr index build` refits it."""
     from retrieval.updating import update_images
 
-    with cli_errors():
-        if quiet:
-            report = update_images(index, paths or (), device=device)
-        else:
-            with progress_bar("updating") as update:
-                report = update_images(index, paths or (), update, device)
+    with cli_errors(), progress_bar("updating", quiet) as update:
+        report = update_images(index, paths or (), update, device, wait=wait)
     _print_update(report, index)
+
+
+@index_app.command("check")
+def index_check(
+    index: IndexOpt = DEFAULT_INDEX,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Also verify every file's checksum and every array.")
+    ] = False,
+    db: DbOpt = None,
+) -> None:
+    """Verify that catalog, feature segments, whitening and vector index agree (exit 1 if not)."""
+    from index.maintenance import check_index
+
+    with cli_errors():
+        report = check_index(index, deep=deep, db=db)
+    for line in report.problems:
+        err_console.print(f"[red]problem:[/red] {line}", highlight=False, soft_wrap=True)
+    for line in report.notes:
+        console.print(f"note: {line}", highlight=False, soft_wrap=True)
+    verdict = "ok" if report.ok else f"{len(report.problems)} problems"
+    console.print(
+        f"{index}: {verdict} ({report.images} images in {report.segments} segments"
+        f"{', deep' if deep else ''})"
+    )
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@index_app.command("repair")
+def index_repair(index: IndexOpt = DEFAULT_INDEX, db: DbOpt = None, wait: WaitOpt = None) -> None:
+    """Rebuild what can be derived (config, manifest, catalog, whitening, vector index), drop
+    damaged segments, and list the images to extract again (`retr index update` does it)."""
+    from index.maintenance import repair_index
+
+    with cli_errors():
+        report = repair_index(index, db=db, wait=wait)
+    for action in report.actions:
+        console.print(f"repaired: {action}", highlight=False, soft_wrap=True)
+    if report.reextract:
+        console.print(
+            f"{len(report.reextract)} images lost their features; run `retr index update "
+            f"--index {index}` to extract them again:",
+            highlight=False,
+        )
+        for path in report.reextract:
+            console.print(f"  {path}", highlight=False)
+
+
+@index_app.command("compact")
+def index_compact(index: IndexOpt = DEFAULT_INDEX, wait: WaitOpt = None) -> None:
+    """Merge the feature segments into as few files as their size cap allows."""
+    from index.layout import IndexPaths
+    from index.writer import IndexWriter
+
+    with cli_errors(), IndexWriter.open(IndexPaths(index), wait=wait) as writer:
+        merged = writer.compact(full=True)
+        writer.collect_garbage()
+        left = len(writer.manifest.segments)
+    console.print(f"merged {merged} segments away; {left} segments in {index}")
 
 
 @app.command("query")
 def query(
     images: Annotated[list[Path], typer.Argument(help="Query image(s).")],
     index: IndexOpt = DEFAULT_INDEX,
-    k: Annotated[int, typer.Option("-k", help="Results to show.")] = 10,
-    shortlist: Annotated[int, typer.Option(help="Global candidates to rerank.")] = 100,
+    k: Annotated[int, typer.Option("-k", help=_search_help("k"))] = field_default(SearchConf, "k"),
+    shortlist: Annotated[int, typer.Option(help=_search_help("shortlist"))] = field_default(
+        SearchConf, "shortlist"
+    ),
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global ranking only.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    db: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the catalog.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Rank the indexed images for each query and name the recognised landmark."""
+    from features.core import parse_conf
     from retrieval.api import Retriever
-    from retrieval.recognition import vote
 
     results = []
     with cli_errors():
+        conf = parse_conf(
+            SearchConf, {"k": k, "shortlist": shortlist, "rerank": not no_rerank}, "query options"
+        )
         retriever = Retriever.open(index, db=db, device=device)
         for image in images:
-            matches = retriever.search(image, k=k, rerank=not no_rerank, shortlist=shortlist)
-            label, confidence, _ = vote(matches)
-            results.append((image, matches, label, confidence))
+            results.append((image, retriever.search(image, conf)))
     if as_json:
-        out = [
-            {
-                "query": str(i),
-                "landmark": lab,
-                "confidence": conf,
-                "results": [m.__dict__ for m in ms],
-            }
-            for i, ms, lab, conf in results
-        ]
-        sys.stdout.write(json.dumps(out, indent=2) + "\n")
+        sys.stdout.write(json.dumps([result_json(i, r) for i, r in results], indent=2) + "\n")
         return
-    for image, matches, label, confidence in results:
+    for image, result in results:
         table = Table(title=f"{image}")
         for col in ("rank", "path", "label", "global", "inliers"):
             table.add_column(
                 col, justify="right" if col in ("rank", "global", "inliers") else "left"
             )
-        for rank, m in enumerate(matches, 1):
-            inl = f"{m.inliers}{' ✓' if m.verified else ''}" if not no_rerank else "-"
+        for rank, m in enumerate(result.matches, 1):
+            inl = f"{m.inliers}{' ✓' if m.verified else ''}" if conf.rerank else "-"
             table.add_row(str(rank), m.path, m.label or "", f"{m.global_score:.3f}", inl)
         console.print(table)
-        console.print(f"landmark: [bold]{label}[/bold] (confidence {confidence:.2f})")
+        rec = result.recognition
+        console.print(f"landmark: [bold]{rec.label}[/bold] (confidence {rec.confidence:.2f})")
+
+
+def result_json(image: Path | str, result: Any) -> dict[str, Any]:
+    """One query's result as `retr query --json` prints it (the HTTP service sends the same)."""
+    from dataclasses import asdict
+
+    rec = result.recognition
+    return {
+        "query": str(image),
+        "landmark": rec.label,
+        "confidence": rec.confidence,
+        "evidence": [m.id for m in rec.evidence],
+        "results": [asdict(m) for m in result.matches],
+        "timings": result.timings,
+        "generation": result.generation,
+    }
 
 
 @features_app.command("list")
@@ -368,8 +486,9 @@ def evaluate(
     options = {"queries": queries} if queries else {}
     with cli_errors():
         ds = open_dataset(dataset, data, **options)
+        config = _index_config(local_method=local)
         with progress_bar("evaluating") as update:
-            result = run_eval(ds, index, rerank=not no_rerank, local_method=local, progress=update)
+            result = run_eval(ds, index, config, rerank=not no_rerank, progress=update)
         console.print(format_table(result))
         for note in result.notes:
             console.print(f"note: {note}", highlight=False)

@@ -21,22 +21,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from features.core import StrictConf, pick_device
 from features.types import LocalFeatures
 from retrieval.matching import CHUNK_COLUMNS, CHUNK_COLUMNS_GPU, chunks, mutual_nn, mutual_nn_many
-from retrieval.verification import RansacConf, default_workers, verify
+from retrieval.verification import RansacConf, Verification, default_workers, verify
 
 
 class RerankConf(StrictConf):
-    shortlist: int = 100
-    """Candidates taken from the global search and reranked."""
-    min_inliers: int = 12
+    """How shortlisted candidates are matched and verified."""
+
+    min_inliers: int = Field(default=12, ge=1)
     """Fewest RANSAC inliers for a candidate to count as verified."""
-    ratio: float | None = None
+    ratio: float | None = Field(default=None, gt=0)
     """Lowe ratio test on top of mutual nearest neighbours (None: off)."""
     ransac: RansacConf = RansacConf()
-    workers: int | None = None
+    workers: int | None = Field(default=None, ge=1)
     """Threads matching and verifying chunks of candidates (None: one per CPU core); results do
     not depend on it."""
 
@@ -62,20 +63,18 @@ class Timings:
 def rerank(
     query: LocalFeatures,
     candidates: list[Candidate],
-    load: Callable[[int], LocalFeatures],
+    load_many: Callable[[list[int]], Sequence[LocalFeatures]],
     conf: RerankConf,
     timings: Timings | None = None,
     *,
-    load_many: Callable[[list[int]], Sequence[LocalFeatures]] | None = None,
     device: Any = None,
 ) -> list[Candidate]:
     """Verified candidates first (most inliers, then best global score), then the others in
-    their global order. `load_many(ids)`, when given, reads all candidates at once instead of
-    `load(id)` per candidate; `device` runs the matching there (None: CPU)."""
+    their global order. `load_many(ids)` reads the candidates' features in one call; `device`
+    runs the matching there (None: CPU)."""
     timings = timings if timings is not None else Timings()
-    ids = [c.id for c in candidates]
     t0 = time.perf_counter()
-    feats = list(load_many(ids)) if load_many is not None else [load(i) for i in ids]
+    feats = list(load_many([c.id for c in candidates]))
     timings.add("load", time.perf_counter() - t0)
     inliers = count_inliers(query, feats, conf, device, timings)
     scored = [
@@ -140,6 +139,26 @@ def worker_pool(workers: int, on_gpu: bool = False) -> ThreadPoolExecutor:
     )
 
 
+@dataclass(frozen=True)
+class PairMatch:
+    """How one query-candidate pair matched: `matches` (K, 2) index pairs (query row, candidate
+    row), and the verification, whose `mask` (K,) marks the inliers."""
+
+    matches: np.ndarray
+    verification: Verification
+
+    @property
+    def inliers(self) -> int:
+        return self.verification.inliers
+
+
+def verify_pair(query: LocalFeatures, candidate: LocalFeatures, conf: RerankConf) -> PairMatch:
+    """Match and verify one pair exactly as the rerank does (what a match picture draws)."""
+    matches = mutual_nn(query.descriptors, candidate.descriptors, conf.ratio)
+    result = verify(query.keypoints[matches[:, 0]], candidate.keypoints[matches[:, 1]], conf.ransac)
+    return PairMatch(matches, result)
+
+
 def rerank_sequential(
     query: LocalFeatures,
     candidates: list[Candidate],
@@ -154,15 +173,11 @@ def rerank_sequential(
         t0 = time.perf_counter()
         feats = load(cand.id)
         t1 = time.perf_counter()
-        matches = mutual_nn(query.descriptors, feats.descriptors, conf.ratio)
-        t2 = time.perf_counter()
-        result = verify(query.keypoints[matches[:, 0]], feats.keypoints[matches[:, 1]], conf.ransac)
-        t3 = time.perf_counter()
+        pair = verify_pair(query, feats, conf)
         timings.add("load", t1 - t0)
-        timings.add("matching", t2 - t1)
-        timings.add("ransac", t3 - t2)
-        ok = result.inliers >= conf.min_inliers
-        scored.append(Candidate(cand.id, cand.global_score, result.inliers, ok))
+        timings.add("match+verify", time.perf_counter() - t1)
+        ok = pair.inliers >= conf.min_inliers
+        scored.append(Candidate(cand.id, cand.global_score, pair.inliers, ok))
     return order_candidates(scored)
 
 
@@ -171,13 +186,3 @@ def order_candidates(cands: list[Candidate]) -> list[Candidate]:
     rest = [c for c in cands if not c.verified]
     rest.sort(key=lambda c: -c.global_score)
     return verified + rest
-
-
-def stored_features(arrays: dict[str, np.ndarray], image_size: tuple[int, int]) -> LocalFeatures:
-    """LocalFeatures from a feature-store group (descriptors back to float32)."""
-    return LocalFeatures(
-        arrays["keypoints"].astype(np.float32),
-        arrays["scores"].astype(np.float32),
-        arrays["descriptors"].astype(np.float32),
-        image_size,
-    )

@@ -1,43 +1,32 @@
 """Incremental updates of a built index: add files, remove images, refresh changed files.
 
-The catalog, both feature stores and the FAISS index are edited in place, without a rebuild, and
-ids stay stable: a changed file keeps its id. The whitening stays the one fitted by the last
-`retr index build`: new vectors are whitened with it, and it is refitted (which moves every
-vector) only by a build. FAISS removes vectors natively where the index type can (Flat, IVF);
-otherwise (HNSW) they become tombstones, skipped by search and purged by the next build (see
-index.vectors).
-
-Write order, so an interruption never shows a wrong result: adding writes features, then the
-catalog, then saves the FAISS index; removing deletes catalog rows, then features, then vectors.
-At worst the FAISS index lags the catalog: search never shows an id the catalog does not hold,
-and the next build rebuilds the FAISS index from the stores.
+Each runs as one writer (index.writer) through the same ingest path as a build
+(retrieval.ingest), without a rebuild: ids stay stable (a changed file keeps its id), and the
+whitening stays the one fitted by the last `retr index build`, so new vectors are whitened with
+it and only a build refits it (which moves every vector). FAISS removes vectors natively where
+the index type can (Flat, IVF); otherwise (HNSW) they become tombstones, skipped by search and
+purged by the next build (index.vectors). Every operation publishes in one commit: searches see
+the index before it or after it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from sqlalchemy import select
-
-from features.core import IndexError_, parse_conf
-from index.catalog import Catalog, ImageRecord, Status
-from index.layout import IndexConfig, IndexPaths
-from index.store import FeatureStore, LocalFeatureStore
-from index.vectors import VectorIndex
-from index.whitening import Whitening
-from retrieval.building import Builder, Progress, prefetch, scan_corpus
+from features.core import IndexError_
+from features.pipeline import Extractors
+from index.catalog import ImageRecord
+from index.layout import IndexPaths
+from index.writer import IndexWriter
+from retrieval.building import scan_corpus
+from retrieval.ingest import FileItem, Ingester, IngestReport, Progress, ingest_files
 
 logger = logging.getLogger(__name__)
-
-FileItem = tuple[Path, str, str | None]
-"""(file, catalog path, label)."""
 
 
 @dataclass
@@ -53,6 +42,15 @@ class UpdateReport:
     not_found: list[str] = field(default_factory=list)
     tombstones: int = 0
     """Removed vectors the FAISS index could only hide (purged by the next build)."""
+    added_ids: dict[str, int] = field(default_factory=dict)
+    """Catalog id of every added or updated path."""
+
+    def take(self, ingested: IngestReport) -> None:
+        self.added += ingested.indexed
+        self.updated += ingested.updated
+        self.unchanged += ingested.unchanged
+        self.failed += ingested.failed
+        self.duplicates += ingested.duplicates
 
 
 def add_images(
@@ -62,6 +60,7 @@ def add_images(
     progress: Progress | None = None,
     device: Any = None,
     tombstone: bool | None = None,
+    wait: float | None = None,
 ) -> UpdateReport:
     """Index files and folders (recursively) into an existing index. A file under the corpus
     root recorded at build time is catalogued by its path relative to that root and labelled
@@ -69,11 +68,11 @@ def add_images(
     path, unlabelled. `label` overrides both. Known unchanged files are left alone, known
     changed ones re-extracted under their id."""
     paths = IndexPaths(index_dir)
-    config = paths.read_config()
-    corpus = Path(config.corpus) if config.corpus else None
-    files = [f for t in targets for f in _expand(Path(t), corpus, label)]
-    report = UpdateReport()
-    _add_files(paths, config, files, report, progress, device, tombstone)
+    with IndexWriter.open(paths, wait=wait) as writer:
+        corpus = Path(writer.config.corpus) if writer.config.corpus else None
+        files = [f for t in targets for f in _expand(Path(t), corpus, label)]
+        report = UpdateReport()
+        _ingest(writer, files, report, progress, device, tombstone)
     return report
 
 
@@ -83,176 +82,67 @@ def update_images(
     progress: Progress | None = None,
     device: Any = None,
     tombstone: bool | None = None,
+    wait: float | None = None,
 ) -> UpdateReport:
     """Re-check catalogued files (all, or those at or under `targets`): a file whose content
     changed (by SHA-256) is re-extracted under its id, a file that is gone is removed."""
     paths = IndexPaths(index_dir)
-    config = paths.read_config()
-    corpus = Path(config.corpus) if config.corpus else None
     report = UpdateReport()
-    records = _select(Catalog(paths.db_url(config)).all(), targets, corpus, report)
-    present = [(_file_of(r.path, corpus), r.path, r.label) for r in records]
-    gone = [r.id for (f, _, _), r in zip(present, records, strict=True) if not f.is_file()]
-    if gone:
-        _remove_ids(paths, config, gone, report, tombstone)
-    files = [item for item in present if item[0].is_file()]
-    _add_files(paths, config, files, report, progress, device, tombstone)
+    with IndexWriter.open(paths, wait=wait) as writer:
+        corpus = Path(writer.config.corpus) if writer.config.corpus else None
+        records = _select(writer.catalog.all(), targets, corpus, report)
+        present = [(_file_of(r.path, corpus), r) for r in records]
+        gone = [r.id for f, r in present if not os.path.lexists(f)]
+        if gone:
+            report.tombstones += writer.remove(gone, tombstone).tombstones
+            report.removed.extend(sorted(gone))
+        files = [FileItem(f, r.path, r.label) for f, r in present if os.path.lexists(f)]
+        _ingest(writer, files, report, progress, device, tombstone)
     return report
 
 
 def remove_images(
-    index_dir: str | Path, targets: Sequence[str | int | Path], tombstone: bool | None = None
+    index_dir: str | Path,
+    targets: Sequence[str | int | Path],
+    tombstone: bool | None = None,
+    wait: float | None = None,
 ) -> UpdateReport:
     """Remove images by catalog id (an int, or a string of digits) or by path (a file, or a
     folder for everything under it; relative to the corpus root, or absolute)."""
     paths = IndexPaths(index_dir)
-    config = paths.read_config()
-    corpus = Path(config.corpus) if config.corpus else None
     report = UpdateReport()
-    records = _select(Catalog(paths.db_url(config)).all(), targets, corpus, report)
-    _remove_ids(paths, config, [r.id for r in records], report, tombstone)
+    with IndexWriter.open(paths, wait=wait) as writer:
+        corpus = Path(writer.config.corpus) if writer.config.corpus else None
+        records = _select(writer.catalog.all(), targets, corpus, report)
+        ids = [r.id for r in records]
+        if ids:
+            report.tombstones += writer.remove(ids, tombstone).tombstones
+        report.removed.extend(sorted(ids))
     return report
 
 
-def convert_local_dtype(index_dir: str | Path, dtype: str) -> None:
-    """Re-encode the local features of an index as `dtype` (float16, float32, int8, pq, pq<M>)
-    and record it in the index configuration; e.g. to compare encodings on one extraction."""
-    paths = IndexPaths(index_dir)
-    config = parse_conf(
-        IndexConfig, {**paths.read_config().model_dump(), "local_dtype": dtype}, "local_dtype"
-    )
-    with FeatureStore.open_existing(paths.local_store, "local", readonly=True) as store:
-        fingerprint = store.fingerprint
-    local = LocalFeatureStore(paths.local_store, fingerprint, dtype=dtype)
-    try:
-        local.recode(dtype)
-    finally:
-        local.close()
-    paths.write_config(config)
-
-
-# --- adding ------------------------------------------------------------------------------------
-
-
-@contextmanager
-def _open_vectors(
-    paths: IndexPaths, config: IndexConfig
-) -> Iterator[tuple[VectorIndex, Whitening]]:
-    """The FAISS index and whitening of a built index; the index is saved on success."""
-    if not paths.whitening.is_file() or not paths.vectors.is_file():
-        raise IndexError_(
-            f"{paths.root} has no whitening or vector index yet; run `retr index build` first"
-        )
-    vectors = VectorIndex.load(paths.vectors, config.index_type)
-    yield vectors, Whitening.load(paths.whitening)
-    vectors.save(paths.vectors)
-
-
-def _add_files(
-    paths: IndexPaths,
-    config: IndexConfig,
+def _ingest(
+    writer: IndexWriter,
     files: list[FileItem],
     report: UpdateReport,
     progress: Progress | None,
     device: Any,
     tombstone: bool | None,
 ) -> None:
+    """Ingest `files` and publish, keeping the whitening (no rebuild)."""
     if not files:
         return
-    builder = Builder(paths, config, device)
-    stale: list[int] = []  # old vectors of changed files
-    fresh: dict[int, np.ndarray] = {}  # id -> raw global descriptor to add
-    try:
-        with _open_vectors(paths, config) as (vectors, whitening):
-            known = builder.catalog.by_path()
-            for done, (path, rel, label, prepared) in enumerate(prefetch(files, known)):
-                if progress:
-                    progress(done, len(files), rel)
-                try:
-                    sha, image = prepared.result()
-                except OSError as exc:
-                    report.failed.append((rel, f"unreadable file: {exc}"))
-                    continue
-                item = (path, rel, label)
-                _add_one(builder, report, item, known.get(rel), sha, image, stale, fresh)
-            # One batch each: FAISS removal scans the whole index per call.
-            before = vectors.tombstones
-            vectors.remove(np.array(stale, np.int64), tombstone)
-            report.tombstones += vectors.tombstones - before
-            if fresh:
-                raw = np.stack(list(fresh.values()))
-                vectors.add(np.array(list(fresh), np.int64), whitening.apply(raw))
-            builder.lstore.finalize()
-    finally:
-        builder.close()
-    if progress:
-        progress(len(files), len(files), "")
-
-
-def _add_one(
-    builder: Builder,
-    report: UpdateReport,
-    item: FileItem,
-    rec: ImageRecord | None,
-    sha: str,
-    image: Any,
-    stale: list[int],
-    fresh: dict[int, np.ndarray],
-) -> None:
-    """Extract one new or changed file; its old vector goes to `stale`, its new one to
-    `fresh`."""
-    path, rel, label = item
-    if builder.is_current(rec, sha):
-        if rec is not None and rec.label != label:
-            size = (rec.width or 0, rec.height or 0)
-            builder._record(rec, rel, sha, label, Status.INDEXED, None, size)
-        report.unchanged += 1
-        return
-    if rec is not None and rec.status == Status.INDEXED.value:
-        stale.append(rec.id)  # whatever happens to the new content
-    status, reason = builder.add_file(path, rel, label, rec, sha, image)
-    if status == Status.DUPLICATE:
-        report.duplicates.append((rel, reason or ""))
-    elif status == Status.FAILED:
-        report.failed.append((rel, reason or ""))
-    else:
-        saved = _record_at(builder.catalog, rel)
-        fresh[saved.id] = builder.gstore.get(saved.id)["descriptor"]
-        (report.updated if rec is not None else report.added).append(rel)
-
-
-def _record_at(catalog: Catalog, rel: str) -> ImageRecord:
-    with catalog.session() as s:
-        rec = s.scalars(select(ImageRecord).where(ImageRecord.path == rel)).one()
-        return rec
-
-
-# --- removing ----------------------------------------------------------------------------------
-
-
-def _remove_ids(
-    paths: IndexPaths,
-    config: IndexConfig,
-    ids: list[int],
-    report: UpdateReport,
-    tombstone: bool | None,
-) -> None:
-    if not ids:
-        return
-    catalog = Catalog(paths.db_url(config))
-    indexed = [r.id for r in catalog.get(ids).values() if r.status == Status.INDEXED.value]
-    catalog.remove(ids)
-    for path, kind in ((paths.global_store, "global"), (paths.local_store, "local")):
-        if path.is_file():
-            with FeatureStore.open_existing(path, kind) as store:
-                for i in ids:
-                    store.delete(i)
-    if indexed:
-        with _open_vectors(paths, config) as (vectors, _):
-            before = vectors.tombstones
-            vectors.remove(np.array(indexed), tombstone)
-            report.tombstones += vectors.tombstones - before
-    report.removed.extend(sorted(ids))
+    config = writer.config
+    extractors = Extractors(
+        config.global_model, config.global_conf, config.local_method, config.local_conf, device
+    )
+    ingester = Ingester(writer, extractors)
+    ingested = ingest_files(ingester, files, progress)
+    report.take(ingested)
+    m = writer.manifest
+    if m.pending or m.pending_dead or not m.published:
+        report.tombstones += writer.publish(refit=False, tombstone=tombstone).tombstones
+    report.added_ids.update((rel, ingested.ids[rel]) for rel in ingested.indexed + ingested.updated)
 
 
 # --- paths -------------------------------------------------------------------------------------
@@ -275,22 +165,28 @@ def _file_of(rel: str, corpus: Path | None) -> Path:
 
 
 def _expand(target: Path, corpus: Path | None, label: str | None) -> list[FileItem]:
-    """Files of `target` (itself, or every non-hidden file under a folder) with catalog paths
-    and labels."""
+    """Files of `target` (itself, or every non-hidden entry under a folder) with catalog
+    paths, labels and the problem of unreadable entries."""
     if target.is_dir():
-        files = scan_corpus(target)
-    elif target.exists():
-        files = [target]
+        entries = [(p, why) for p, why in scan_corpus(target) if why != "skip"]
+    elif os.path.lexists(target):
+        entries = [(target, None if target.is_file() else _problem(target))]
     else:
         raise IndexError_(f"{target}: no such file or folder")
     items = []
-    for f in files:
+    for f, problem in entries:
         rel = _catalog_path(f, corpus)
         parts = rel.split("/")
         inside = not Path(rel).is_absolute()
         own = label if label is not None else (parts[0] if inside and len(parts) > 1 else None)
-        items.append((f, rel, own))
+        items.append(FileItem(f, rel, own, problem))
     return items
+
+
+def _problem(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return f"dangling symbolic link (to {os.readlink(path)})"
+    return "a directory, not an image file" if path.is_dir() else "not a regular file"
 
 
 def _select(

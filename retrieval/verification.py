@@ -2,15 +2,14 @@
 
 A degenerate pair (too few matches, or OpenCV failing) gives success=False and zero inliers; this
 module never raises on data. The random generator is seeded per call, so results do not depend
-on call order or thread: `verify_many` spreads pairs over a thread pool (OpenCV releases the GIL
-while it estimates) and returns exactly what `verify` returns for each pair.
+on call order or thread (the rerank spreads pairs over a thread pool; OpenCV releases the GIL
+while it estimates).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -95,11 +94,3 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
-
-
-def verify_many(
-    pairs: list[tuple[np.ndarray, np.ndarray]], conf: RansacConf, workers: int | None = None
-) -> list[Verification]:
-    """`verify` of every (pts0, pts1) pair, in order, on `workers` threads."""
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="ransac") as pool:
-        return list(pool.map(lambda pair: verify(pair[0], pair[1], conf), pairs))

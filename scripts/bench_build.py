@@ -19,9 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from features.image import load_image
-from features.registry import load_global, load_local
+from features.pipeline import Extractors
 from index.layout import IndexConfig
-from retrieval.building import build_index, extract_both, scan_corpus
+from retrieval.building import build_index, scan_corpus
 
 console = Console(width=150)
 
@@ -29,13 +29,14 @@ console = Console(width=150)
 def bare(images: list[Path], config: IndexConfig) -> tuple[float, float]:
     """(model loading seconds, forward-pass seconds over all images)."""
     start = time.perf_counter()
-    global_model = load_global(config.global_model, config.global_conf)
-    local = load_local(config.local_method, config.local_conf)
+    c = config
+    models = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf)
+    _ = models.fingerprints  # loads both models
     loaded = time.perf_counter()
     decoded = [load_image(p) for p in images]
     start_pass = time.perf_counter()
     for rgb in decoded:
-        extract_both(global_model, local, rgb)
+        models.describe(rgb)
     return loaded - start, time.perf_counter() - start_pass
 
 
@@ -65,7 +66,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=24)
     args = parser.parse_args()
 
-    images = [p for p in scan_corpus(args.data / "images") if p.suffix == ".jpg"][: args.images]
+    found = [p for p, problem in scan_corpus(args.data / "images") if problem is None]
+    images = [p for p in found if p.suffix == ".jpg"][: args.images]
     config = IndexConfig()
     loading, forward = bare(images, config)
     with tempfile.TemporaryDirectory() as tmp:

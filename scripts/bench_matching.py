@@ -10,7 +10,7 @@ next to the global-only numbers. The other methods only have seeded random weigh
 ../shared/fixtures: they are timed, their matching quality would mean nothing.
 
     python scripts/bench_matching.py --methods disk,sekd --pairs 1 --mini-groups tower_bridge
-    python scripts/bench_matching.py --conf 'r2d2={"max_size": 640}' --json /tmp/bench.json
+    python scripts/bench_matching.py --conf 'r2d2={"pyramid_max_side": 640}' --json /tmp/bench.json
 
 Per-pair numbers go to --json. Indexes of the mini set are kept under --work and reused.
 """
@@ -37,70 +37,22 @@ from features.base import LocalExtractor
 from features.image import load_image, resize_max
 from features.registry import LOCAL_METHODS, load_local
 from features.types import LocalFeatures
+from index.layout import IndexConfig
 from retrieval.evaluation.datasets import landmarks_mini
+from retrieval.evaluation.planar import (
+    PlanarPair,
+    corner_error,
+    estimate_homography,
+    read_planar_pairs,
+)
 from retrieval.evaluation.runner import EvalResult, run_eval
-from retrieval.matching import mutual_nn
-from retrieval.verification import RansacConf, verify
+from retrieval.verification import RansacConf
 
 REAL_WEIGHTS = ("disk", "r2d2", "sekd")
 """Methods whose checkpoints here are the official trained ones."""
 TIMING_SIDE = 640
 """Longer side (px) of the images the extraction time is measured on."""
 PLANAR_SETS = ("hpatches_v_churchill", "hpatches_v_wormhole", "graffiti", "evd")
-
-# --- measurement helpers (candidates for a library module, see the report) ----------------------
-
-
-@dataclass(frozen=True)
-class PlanarPair:
-    """Two images of a planar scene; `homography` (3, 3) maps image_a pixels to image_b pixels."""
-
-    set: str
-    image_a: Path
-    image_b: Path
-    homography: np.ndarray
-
-
-def read_planar_pairs(root: Path, per_set: int | None = None) -> list[PlanarPair]:
-    """The pairs of `root/pairs.csv` that have a ground-truth homography, at most `per_set` of
-    each set (in file order: the smallest viewpoint change first)."""
-    pairs: list[PlanarPair] = []
-    with open(root / "pairs.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            if not row["homography_file"]:
-                continue
-            # one HPatches sequence per folder: report them apart (their difficulty differs)
-            name = Path(row["image_a"]).parent.name
-            if per_set is not None and sum(p.set == name for p in pairs) >= per_set:
-                continue
-            H = np.loadtxt(root / row["homography_file"]).reshape(3, 3)
-            pairs.append(PlanarPair(name, root / row["image_a"], root / row["image_b"], H))
-    return pairs
-
-
-def corner_error(H_est: np.ndarray, H_gt: np.ndarray, size_a: tuple[int, int]) -> float:
-    """Mean distance (px in image_b) between the 4 corners of image_a (width, height) mapped by
-    the estimated and by the ground-truth homography. Corners are the centres of the corner
-    pixels, (0, 0) .. (w - 1, h - 1), in retr's pixel convention."""
-    w, h = size_a
-    corners = np.array([[0, 0, 1], [w - 1, 0, 1], [w - 1, h - 1, 1], [0, h - 1, 1]], float)
-
-    def project(H: np.ndarray) -> np.ndarray:
-        p = corners @ H.T
-        return p[:, :2] / p[:, 2:]
-
-    return float(np.linalg.norm(project(H_est) - project(H_gt), axis=1).mean())
-
-
-def estimate_homography(
-    f0: LocalFeatures, f1: LocalFeatures, conf: RansacConf
-) -> tuple[int, int, np.ndarray | None]:
-    """(mutual-NN matches, RANSAC inliers, homography (3, 3) or None) from image 0 to image 1,
-    with the reranker's matcher and verifier."""
-    matches = mutual_nn(f0.descriptors, f1.descriptors)
-    result = verify(f0.keypoints[matches[:, 0]], f1.keypoints[matches[:, 1]], conf)
-    return len(matches), result.inliers, result.model if result.success else None
-
 
 # --- extractors ----------------------------------------------------------------------------------
 
@@ -237,8 +189,8 @@ def mini_eval(
     dataset = landmarks_mini(mini_root, **subset)
     key = json.dumps({"conf": conf, "subset": subset}, sort_keys=True, default=str)
     index_dir = work / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-    options = {"local_method": name, "local_conf": conf}
-    return run_eval(dataset, index_dir, build_options=options)
+    config = IndexConfig.parse({"local_method": name, "local_conf": conf})
+    return run_eval(dataset, index_dir, config)
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -308,7 +260,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar='NAME={"key": value}',
-        help='extra config of one method (JSON), e.g. r2d2={"max_size": 640}',
+        help='extra config of one method (JSON), e.g. r2d2={"pyramid_max_side": 640}',
     )
     p.add_argument("--skip-planar", action="store_true")
     p.add_argument("--skip-mini", action="store_true")

@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = landmarks_mini(args.data)
-    retriever, build = prepare_index(dataset, args.index, {}, None)
+    retriever, build = prepare_index(dataset, args.index, None, None)
     if not build.reused:
         print(f"built {build.indexed} images in {build.seconds:.1f} s")
     totals: dict[str, list[float]] = defaultdict(list)
@@ -41,11 +41,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for q in dataset.queries:
             start = time.perf_counter()
-            retriever.search(q.path, k=10, shortlist=args.shortlist)
+            result = retriever.search(q.path, k=10, shortlist=args.shortlist)
             totals["total"].append(time.perf_counter() - start)
             for stage in STAGES:
-                totals[stage].append(retriever.last_timings.stages.get(stage, 0.0))
-            pairs += min(args.shortlist, len(retriever.vectors))
+                totals[stage].append(result.timings.get(stage, 0.0))
+            pairs += min(args.shortlist, len(retriever.snapshot().vectors))
     n = len(totals["total"])
     table = Table(title=f"query latency, {n} queries, shortlist {args.shortlist} (seconds)")
     for col in ("stage", "mean", "max", "share of total"):

@@ -7,8 +7,9 @@ candidate pair and the total per query. It also times the similarity products al
 candidates per block, on the same worker pool, nothing else): the floor exact matching cannot go
 below on this machine.
 
-Part 2 (--dtypes) re-encodes copies of the index's local store (float16, int8, pq...), and prints
-bytes per image and the evaluation (mAP, global vs reranked) of each.
+Part 2 (--dtypes) re-encodes copies of the index's local features (float16, int8, pq...;
+IndexWriter.recode), and prints bytes per image and the evaluation (mAP, global vs reranked) of
+each.
 
     python scripts/bench_rerank.py --index /tmp/bench-idx --dtypes float16,int8,pq
 """
@@ -29,8 +30,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from features.image import load_image
-from retrieval.api import Retriever
+from index.layout import IndexPaths
+from index.manifest import Manifest
+from index.writer import IndexWriter
+from retrieval.api import Retriever, SearchConf
 from retrieval.evaluation.datasets import Dataset, landmarks_mini
 from retrieval.evaluation.runner import prepare_index, run_eval
 from retrieval.matching import CHUNK_COLUMNS, chunks
@@ -42,7 +45,6 @@ from retrieval.rerank import (
     rerank_sequential,
     worker_pool,
 )
-from retrieval.updating import convert_local_dtype
 from retrieval.verification import default_workers
 
 console = Console(width=150)
@@ -50,10 +52,9 @@ STAGES = ("load", "matching", "ransac")
 
 
 def shortlist(retriever: Retriever, image: Path, size: int) -> list[Candidate]:
-    rgb = load_image(image)
-    desc = retriever.whitening.apply(retriever.global_model.extract(rgb))
-    scores, ids = retriever.vectors.search(desc[None], size)
-    return [Candidate(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+    """The global search's candidates, as the search path takes them."""
+    result = retriever.search(image, k=size, rerank=False)
+    return [Candidate(m.id, m.global_score) for m in result.matches]
 
 
 def timed(fn: Callable[[Timings], object], repeats: int) -> tuple[float, float, object, Timings]:
@@ -98,18 +99,15 @@ class Row:
 
 
 def one_query(retriever: Retriever, image: Path, args: argparse.Namespace) -> Row:
-    conf = RerankConf(shortlist=args.shortlist, workers=args.workers)
+    conf = RerankConf(workers=args.workers)
     cands = shortlist(retriever, image, args.shortlist)
-    query = retriever.local.extract(image)
+    query = retriever.extractors.local.extract(image)
+    many = retriever.local_features
     *naive, want, _ = timed(
-        lambda t: rerank_sequential(query, cands, retriever.load_local, conf, t), args.repeats
+        lambda t: rerank_sequential(query, cands, lambda i: many([i])[0], conf, t), args.repeats
     )
-    many = retriever.load_local_many
     *fast, got, stages = timed(
-        lambda t: rerank(
-            query, cands, retriever.load_local, conf, t, load_many=many, device=args.device
-        ),
-        args.repeats,
+        lambda t: rerank(query, cands, many, conf, t, device=args.device), args.repeats
     )
     feats = many([c.id for c in cands])
     workers = args.workers or default_workers()
@@ -173,16 +171,18 @@ def speed(retriever: Retriever, dataset: Dataset, args: argparse.Namespace) -> N
 
 def encodings(dataset: Dataset, args: argparse.Namespace) -> None:
     table = Table(title="local descriptor encodings (same extraction, re-encoded)")
-    for col in ("local_dtype", "local.h5 MB", "KB / image", "mAP global", "mAP rerank", "Δ rerank"):
+    for col in ("local_dtype", "segments MB", "KB / image", "mAP global", "mAP rerank", "Δ rerank"):
         table.add_column(col, justify="right")
     base = None
+    search = SearchConf(shortlist=args.shortlist)
     for dtype in args.dtypes.split(","):
         target = args.index.with_name(f"{args.index.name}-{dtype}")
         if not target.exists():
             shutil.copytree(args.index, target, symlinks=True)
-            convert_local_dtype(target, dtype)
-        result = run_eval(dataset, target, shortlist=args.shortlist)
-        size = os.path.getsize(target / "local.h5")
+            with IndexWriter.open(IndexPaths(target)) as writer:
+                writer.recode(dtype)
+        result = run_eval(dataset, target, search=search)
+        size = sum(s.bytes for s in Manifest.load(target).segments)
         maps = [result.modes[m].protocols["all"].map for m in ("global", "rerank")]
         base = maps[1] if base is None else base
         table.add_row(
@@ -206,13 +206,12 @@ def main() -> None:
     args = parser.parse_args()
 
     dataset = landmarks_mini(args.data, queries=args.queries)
-    retriever, build = prepare_index(dataset, args.index, {}, None)
+    retriever, build = prepare_index(dataset, args.index, None, None)
     if not build.reused:
         console.print(f"built {build.indexed} images in {build.seconds:.1f} s")
     if not args.skip_speed:
         speed(retriever, dataset, args)
     if args.dtypes:
-        retriever.local_store.close()
         encodings(dataset, args)
 
 

@@ -6,6 +6,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from index.layout import IndexConfig
 from tests.conftest import DATA
 
 MINI = DATA / "landmarks-mini"
@@ -15,6 +16,16 @@ FAST_OPTIONS = {
     "local_conf": {"resize_max": 320, "max_keypoints": 512},
     "global_conf": {"resize_max": 384},
 }
+TINY_OPTIONS = {
+    "local_conf": {"resize_max": 256, "max_keypoints": 128},
+    "global_conf": {"resize_max": 256, "scales": [1.0]},
+}
+"""Cheapest settings: for tests of the index machinery, not of retrieval quality."""
+
+
+def tiny(**more: object) -> IndexConfig:
+    """TINY_OPTIONS (and `more` fields) as an IndexConfig."""
+    return IndexConfig.parse({**TINY_OPTIONS, **more})
 
 
 @dataclass(frozen=True)

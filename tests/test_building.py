@@ -12,19 +12,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from features.core import ConfigError, StoreMismatchError
+from features.core import ConfigError
 from index.catalog import Catalog, Status
-from index.layout import IndexPaths
-from index.store import FeatureStore
+from index.layout import IndexConfig, IndexPaths
 from retrieval import Retriever
 from retrieval.building import build_index
 from retrieval.cli import app
-from tests.corpus import MINI
+from tests.corpus import MINI, tiny
 
-TINY_OPTIONS = {
-    "local_conf": {"resize_max": 256, "max_keypoints": 128},
-    "global_conf": {"resize_max": 256, "scales": [1.0]},
-}
 GOOD = sorted((MINI / "images/sacre_coeur").glob("*.jpg"))
 
 
@@ -69,7 +64,7 @@ def test_bad_inputs_are_skipped_with_reasons_and_resume_adds_only_new(tmp_path: 
     odd = _odd_but_fine(corpus)
     shutil.copy(GOOD[0], corpus / "sacre_coeur" / "copy_of_first.jpg")
 
-    report = build_index(corpus, tmp_path / "idx", TINY_OPTIONS)
+    report = build_index(corpus, tmp_path / "idx", tiny())
     failed = dict(report.failed)
     assert set(failed) == set(bad)
     for name, words in bad.items():
@@ -100,8 +95,8 @@ def test_bad_inputs_are_skipped_with_reasons_and_resume_adds_only_new(tmp_path: 
     assert catalog.by_path()["odd/gray.png"].id == records["odd/gray.png"].id
 
     r = Retriever.open(tmp_path / "idx")
-    assert len(r.vectors) == len(ids)
-    top = r.search(GOOD[3], k=1, rerank=False)[0]
+    assert len(r.snapshot().vectors) == len(ids)
+    top = r.search(GOOD[3], k=1, rerank=False).matches[0]
     assert top.path == "sacre_coeur/" + GOOD[3].name
 
 
@@ -113,7 +108,7 @@ def test_labels_csv_overrides_folder_names(tmp_path: Path) -> None:
     labels = tmp_path / "labels.csv"
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows([["path", "label"], [GOOD[0].name, "basilica"]])
-    build_index(corpus, tmp_path / "idx", TINY_OPTIONS, labels_csv=labels)
+    build_index(corpus, tmp_path / "idx", tiny(), labels_csv=labels)
     records = Catalog(f"sqlite:///{tmp_path / 'idx/catalog.sqlite'}").by_path()
     assert records[GOOD[0].name].label == "basilica" and records[GOOD[1].name].label is None
 
@@ -122,21 +117,53 @@ def test_contradicting_options_on_an_existing_index_are_refused(tmp_path: Path) 
     corpus = tmp_path / "c"
     corpus.mkdir()
     shutil.copy(GOOD[0], corpus / GOOD[0].name)
-    build_index(corpus, tmp_path / "idx", TINY_OPTIONS)
+    build_index(corpus, tmp_path / "idx", tiny())
     with pytest.raises(ConfigError, match="local_conf"):
-        build_index(corpus, tmp_path / "idx", {"local_conf": {"max_keypoints": 64}})
+        build_index(corpus, tmp_path / "idx", tiny(local_conf={"max_keypoints": 64}))
     with pytest.raises(ConfigError, match="valid options"):
-        build_index(corpus, tmp_path / "other", {"lokal_method": "disk"})
+        IndexConfig.parse({"lokal_method": "disk"})
+    with pytest.raises(ConfigError, match="max_keypoint: Extra inputs"):
+        IndexConfig.parse({"local_conf": {"max_keypoint": 3}})  # checked before any network
 
 
-def test_feature_store_refuses_another_configuration(tmp_path: Path) -> None:
-    path = tmp_path / "s.h5"
-    with FeatureStore(path, "local", "aaaa", {"x": 1}) as store:
-        store.put(1, descriptors=np.ones((2, 3), np.float16))
-    with pytest.raises(StoreMismatchError, match="aaaa"):
-        FeatureStore(path, "local", "bbbb")
-    with FeatureStore(path, "local", "aaaa", readonly=True) as store:
-        assert store.ids() == [1] and store.get(1)["descriptors"].dtype == np.float16
+def test_odd_entries_are_recorded_and_a_labelled_copy_keeps_its_label(tmp_path: Path) -> None:
+    corpus = tmp_path / "c"
+    (corpus / "sacre_coeur").mkdir(parents=True)
+    shutil.copy(GOOD[0], corpus / "aaa_unlabelled_copy.jpg")  # sorts before the labelled one
+    shutil.copy(GOOD[0], corpus / "sacre_coeur" / GOOD[0].name)
+    (corpus / "loop.jpg").symlink_to(corpus / "loop.jpg")
+    (corpus / "dangling.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (corpus / "folder.jpg").mkdir()
+    labels = tmp_path / "labels.csv"
+    rows = [["path", "label"], [f"sacre_coeur/{GOOD[0].name}", "sacre_coeur"]]
+    rows += [["/elsewhere/x.jpg", "x"], ["missing.jpg", "y"]]
+    with open(labels, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    report = build_index(corpus, tmp_path / "idx", tiny(), labels_csv=labels)
+    failed = dict(report.failed)
+    assert "loop" in failed["loop.jpg"] and "dangling" in failed["dangling.jpg"]
+    assert "directory" in failed["folder.jpg"]
+    assert report.duplicates == [
+        ("aaa_unlabelled_copy.jpg", f"same content as sacre_coeur/{GOOD[0].name}")
+    ]
+    assert any("/elsewhere/x.jpg" in r for r in report.ignored_labels)
+    assert any("missing.jpg" in r for r in report.ignored_labels)
+    records = Catalog(f"sqlite:///{tmp_path / 'idx/catalog.sqlite'}").by_path()
+    assert records["loop.jpg"].status == Status.FAILED.value
+
+    # A labelled copy arriving later takes over from an unlabelled original.
+    corpus2 = tmp_path / "c2"
+    corpus2.mkdir()
+    shutil.copy(GOOD[1], corpus2 / GOOD[1].name)
+    build_index(corpus2, tmp_path / "idx2", tiny())
+    (corpus2 / "tower").mkdir()
+    shutil.copy(GOOD[1], corpus2 / "tower" / "copy.jpg")
+    again = build_index(corpus2, tmp_path / "idx2")
+    assert again.indexed == 1
+    top = Retriever.open(tmp_path / "idx2").search(GOOD[1], k=1, rerank=False).matches[0]
+    assert top.path == "tower/copy.jpg" and top.label == "tower"
+    demoted = Catalog(f"sqlite:///{tmp_path / 'idx2/catalog.sqlite'}").by_path()[GOOD[1].name]
+    assert demoted.status == Status.DUPLICATE.value and "tower/copy.jpg" in (demoted.reason or "")
 
 
 def test_cli_build_reports_and_unknown_method_is_one_line(tmp_path: Path) -> None:

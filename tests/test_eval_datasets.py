@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrieval.evaluation import datasets as ds
+from features.core import DatasetError, DownloadError
+from retrieval.evaluation import downloads as ds
 from retrieval.evaluation.datasets import (
-    DatasetError,
-    DownloadError,
     Query,
     gldv2,
+    gldv2_path,
     landmarks_mini,
     open_dataset,
     query_image,
@@ -142,7 +142,7 @@ def _gldv2(root: Path) -> Path:
         ("test", ["eee0000000000005", "fff0000000000006", "abc0000000000007"]),
     ):
         for i in ids:
-            _jpeg(ds.gldv2_path(root, split, i))
+            _jpeg(gldv2_path(root, split, i))
     return root
 
 

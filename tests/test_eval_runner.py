@@ -18,7 +18,8 @@ from PIL import Image
 from rich.console import Console
 
 from features.core import ConfigError
-from retrieval.api import Match
+from index.layout import IndexConfig
+from retrieval.api import Recognition, Retriever, SearchResult
 from retrieval.evaluation import (
     PlotError,
     format_table,
@@ -58,7 +59,7 @@ def index_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mini_result(mini, index_dir) -> EvalResult:
-    return run_eval(mini, index_dir, build_options=CHEAP)
+    return run_eval(mini, index_dir, IndexConfig.parse(CHEAP))
 
 
 def _render(table) -> str:
@@ -134,18 +135,23 @@ def test_second_run_reuses_the_index(mini, mini_result, index_dir) -> None:
 
 def test_options_that_contradict_the_index_are_refused(mini, mini_result, index_dir) -> None:
     with pytest.raises(ConfigError, match="local_conf"):
-        run_eval(mini, index_dir, build_options={"local_conf": {"max_keypoints": 64}})
+        run_eval(mini, index_dir, IndexConfig.parse({"local_conf": {"max_keypoints": 64}}))
 
 
-def test_recognition_ignores_junk_such_as_the_query_itself() -> None:
-    # Leave-one-out: the query is indexed, comes first with score 1 and is junk.
-    own = Match(1, "a/q.jpg", "A", 1.0, 500, True)
-    other = Match(2, "b/x.jpg", "B", 0.4, 30, True)
-    assert _predict([own, other], "global", set()) == Prediction("A", 1.0)
-    assert _predict([own, other], "global", {"a/q.jpg"}) == Prediction("B", 0.4)
-    pred = _predict([own, other], "rerank", {"a/q.jpg"})
-    assert pred is not None and pred.label == "B"
-    assert _predict([own], "rerank", {"a/q.jpg"}) is None  # nothing verified left: abstain
+def test_recognition_ignores_junk_such_as_the_query_itself(mini_result, index_dir) -> None:
+    # Leave-one-out: the query is indexed, would come first with score 1, and is junk.
+    retriever = Retriever.open(index_dir)
+    own = TB.format("49190386_5209386933")
+    with_self = retriever.search(MINI / own, k=3)
+    assert with_self.matches[0].path == own and with_self.matches[0].global_score > 0.99
+    without = retriever.search(MINI / own, k=3, exclude={own})
+    assert own not in {m.path for m in without.matches}
+    assert own not in {m.path for m in without.recognition.evidence}
+    assert _predict(without, "global") == Prediction(
+        without.matches[0].label or "", without.matches[0].global_score
+    )
+    abstain = SearchResult([], Recognition("unknown", 0.0, []))
+    assert _predict(abstain, "rerank") is None and _predict(abstain, "global") is None
 
 
 # --- Revisited layout ----------------------------------------------------------------------------
@@ -205,7 +211,7 @@ def test_revisited_layout_end_to_end(mini_result, index_dir, tmp_path) -> None:
 
 @pytest.mark.slow
 def test_whole_mini_set(tmp_path) -> None:
-    r = run_eval(landmarks_mini(MINI), tmp_path / "index", build_options=CHEAP)
+    r = run_eval(landmarks_mini(MINI), tmp_path / "index", IndexConfig.parse(CHEAP))
     assert (r.n_queries, r.n_database) == (8, 173)
     assert r.build.indexed == 173 and not r.build.failed and not r.notes
     before, after = r.modes["global"], r.modes["rerank"]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from features.types import LocalFeatures
-from index.store import LocalFeatureStore
+from index.layout import IndexConfig, IndexPaths
+from index.manifest import Manifest
+from index.store import FeatureStore
+from index.writer import Extracted, IndexWriter
 from retrieval.matching import chunks, mutual_nn, mutual_nn_many
 from retrieval.rerank import (
     Candidate,
@@ -18,7 +22,7 @@ from retrieval.rerank import (
     rerank,
     rerank_sequential,
 )
-from retrieval.verification import RansacConf, verify, verify_many
+from retrieval.verification import RansacConf, verify
 from tests.corpus import MINI
 
 DIM = 64
@@ -108,14 +112,7 @@ def test_rerank_equals_the_sequential_reference(scene, workers: int, ratio) -> N
     conf = RerankConf(min_inliers=12, ratio=ratio, workers=workers)
     want = rerank_sequential(query, cands, feats.__getitem__, conf)
     timings = Timings()
-    got = rerank(
-        query,
-        cands,
-        feats.__getitem__,
-        conf,
-        timings,
-        load_many=lambda ids: [feats[i] for i in ids],
-    )
+    got = rerank(query, cands, lambda ids: [feats[i] for i in ids], conf, timings)
     assert got == want
     assert sum(c.verified for c in got) >= 5 and not all(c.verified for c in got)
     assert {"load", "matching", "ransac"} <= set(timings.stages)
@@ -129,25 +126,35 @@ def test_verify_many_equals_verify_in_any_thread(scene) -> None:
         pairs.append((query.keypoints[m[:, 0]], f.keypoints[m[:, 1]]))
     conf = RansacConf()
     want = [verify(a, b, conf).inliers for a, b in pairs]
-    assert [v.inliers for v in verify_many(pairs, conf, workers=4)] == want
-    assert [v.inliers for v in verify_many(pairs[::-1], conf, workers=2)] == want[::-1]
+
+    def run(pairs: list, workers: int) -> list[int]:
+        with ThreadPoolExecutor(workers) as pool:
+            return [v.inliers for v in pool.map(lambda ab: verify(*ab, conf), pairs)]
+
+    assert run(pairs, 4) == want
+    assert run(pairs[::-1], 2) == want[::-1]
 
 
 def test_store_batch_load_equals_single_loads(scene, tmp_path: Path) -> None:
     query, feats = scene
-    with LocalFeatureStore(tmp_path / "l.h5", "fp") as store:
-        for i, f in feats.items():
-            store.put_features(i, f)
-        ids = list(feats)[::-1]
-        many = store.get_features_many(ids)
-        for i, f in zip(ids, many, strict=True):
-            one = store.get_features(i)
+    writer = IndexWriter.open(IndexPaths(tmp_path / "idx"), IndexConfig())
+    writer.bind_extractors("g", "l", 4)
+    for i, f in feats.items():  # one segment per image: the loads cross segments
+        writer.commit_batch([Extracted(f"{i}.jpg", str(i), None, np.ones(4, np.float32), f)])
+    writer.publish(refit=True)
+    paths = {r.path: r.id for r in writer.catalog.all()}
+    writer.close()
+    with FeatureStore(tmp_path / "idx", Manifest.load(tmp_path / "idx")) as store:
+        ids = [paths[f"{i}.jpg"] for i in feats][::-1]
+        many = store.local_features(ids)
+        for i, f in zip(list(feats)[::-1], many, strict=True):
+            one = store.local_features([paths[f"{i}.jpg"]])[0]
             assert np.array_equal(f.descriptors, one.descriptors)
             assert np.array_equal(f.descriptors, feats[i].descriptors)  # float16-exact input
             assert np.array_equal(f.keypoints, feats[i].keypoints) and f.image_size == (640, 640)
         conf = RerankConf()
         assert count_inliers(query, many, conf) == count_inliers(
-            query, [feats[i] for i in ids], conf
+            query, [feats[i] for i in list(feats)[::-1]], conf
         )
 
 
@@ -163,7 +170,5 @@ def test_rerank_equals_sequential_on_real_disk_features() -> None:
     cands = [Candidate(i, 0.0) for i in feats]
     conf = RerankConf()
     want = rerank_sequential(query, cands, feats.__getitem__, conf)
-    got = rerank(
-        query, cands, feats.__getitem__, conf, load_many=lambda ids: [feats[i] for i in ids]
-    )
+    got = rerank(query, cands, lambda ids: [feats[i] for i in ids], conf)
     assert got == want and got[0].verified

@@ -2,7 +2,8 @@
 
 - `metrics`: revisitop AP / mAP / mP@k and the Easy / Medium / Hard protocols, GLDv2 GAP,
   recall@k.
-- `datasets`: dataset adapters and download helpers.
+- `datasets`: dataset adapters; `downloads`: fetching the official files.
+- `planar`: homography recovery on planar pairs (corner error).
 - `runner`: `run_eval`, global-only vs reranked side by side; `format_table`, `write_json`.
 - `plots`: per-query AP before vs after reranking (needs matplotlib: `retr[eval]`).
 """
@@ -12,14 +13,16 @@ from retrieval.evaluation.datasets import (
     Dataset,
     DbImage,
     Query,
-    download_gldv2,
-    download_revisitop1m,
-    download_roxford5k,
-    download_rparis6k,
     gldv2,
     landmarks_mini,
     open_dataset,
     revisited,
+)
+from retrieval.evaluation.downloads import (
+    download_gldv2,
+    download_revisitop1m,
+    download_roxford5k,
+    download_rparis6k,
 )
 from retrieval.evaluation.plots import plot
 from retrieval.evaluation.runner import EvalResult, format_table, run_eval, write_json

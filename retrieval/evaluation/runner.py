@@ -23,15 +23,16 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from features.core import ConfigError, RetrError, parse_conf
-from index.layout import IndexConfig, IndexPaths
+from features.core import RetrError
+from index.catalog import Status
+from index.layout import IndexConfig, IndexPaths, settle_config
 from retrieval.api import Match, Retriever
-from retrieval.building import Progress
+from retrieval.building import build_index
 from retrieval.evaluation.datasets import Dataset, Query, query_image
 from retrieval.evaluation.metrics import (
     DEFAULT_KS,
@@ -44,18 +45,17 @@ from retrieval.evaluation.metrics import (
     recognition_accuracy,
     revisited_metrics,
 )
-from retrieval.evaluation.plots import plot
-from retrieval.recognition import UNKNOWN, vote
+from retrieval.ingest import Progress
+from retrieval.recognition import UNKNOWN
+from retrieval.search import SearchConf, SearchResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvalResult", "format_table", "plot", "run_eval", "write_json"]
+__all__ = ["EvalResult", "format_table", "run_eval", "write_json"]
 
 MODES = ("global", "rerank")
 CORPUS_DIR = "corpus"
 LABELS_NAME = "eval_labels.csv"
-RECOGNITION_K = 10
-"""Results the recognition vote looks at (Retriever.recognize's default)."""
 TOP_SHOWN = 10
 DEFAULT_MAX_RANK = 10_000
 """Longest ranking fetched per query unless asked otherwise: the whole of ROxford / RParis, a
@@ -112,28 +112,25 @@ class EvalResult:
 def run_eval(
     dataset: Dataset,
     index_dir: str | Path,
+    config: IndexConfig | None = None,
     rerank: bool = True,
-    local_method: str | None = None,
-    build_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     *,
-    shortlist: int | None = None,
+    search: SearchConf | None = None,
     max_rank: int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> EvalResult:
     """Index `dataset`'s database in `index_dir` if needed, run its queries, score them.
 
-    build_options: IndexConfig fields for a new index (local_method overrides its key); options
-    that contradict an existing index raise ConfigError. rerank=False runs the global search
-    only. progress(done, total, current) sees the build, then the queries ("query: <name>").
+    config: the IndexConfig of a new index (`IndexConfig.parse`); the fields it was given must
+    agree with an existing index (index.layout.settle_config). rerank=False runs the global
+    search only. search: shortlist, verification and vote settings (k is set by the runner).
+    progress(done, total, current) sees the build, then the queries ("query: <name>").
     """
-    options = dict(build_options or {})
-    if local_method is not None:
-        options["local_method"] = local_method
-    retriever, build = prepare_index(dataset, Path(index_dir), options, progress)
+    retriever, build = prepare_index(dataset, Path(index_dir), config, progress)
     modes = MODES if rerank else MODES[:1]
     wanted = {im.rel for im in dataset.database}
-    ranker = _Ranker(retriever, wanted, max_rank, shortlist)
+    ranker = _Ranker(retriever, wanted, max_rank, search or SearchConf())
     rankings: dict[str, list[list[str]]] = {m: [] for m in modes}
     queries: list[QueryResult] = []
     stages: dict[str, defaultdict[str, float]] = {m: defaultdict(float) for m in modes}
@@ -166,23 +163,23 @@ def run_eval(
 
 
 def prepare_index(
-    dataset: Dataset, index_dir: Path, options: dict[str, Any], progress: Progress | None
+    dataset: Dataset, index_dir: Path, config: IndexConfig | None, progress: Progress | None
 ) -> tuple[Retriever, BuildInfo]:
-    """Open the index when it already holds the database with its labels, else build it
-    incrementally (new files are extracted, known ones only relabelled)."""
+    """Open the index when it already holds the database with its labels (and agrees with
+    `config`), else build it incrementally (new files are extracted, known ones only
+    relabelled)."""
     paths = IndexPaths(index_dir)
     if paths.exists():
-        config = paths.read_config()
-        _check_options(config, options, index_dir)
-        retriever = Retriever.open(index_dir)
-        known = {r.path: r.label for r in retriever.catalog.all()}
-        if all(im.rel in known and known[im.rel] == im.label for im in dataset.database):
-            return retriever, BuildInfo(reused=True)
+        existing = paths.read_config()
+        if settle_config(existing, config) == existing:
+            retriever = Retriever.open(index_dir)
+            known = {r.path: r.label for r in retriever.catalog.all()}
+            if all(im.rel in known and known[im.rel] == im.label for im in dataset.database):
+                return retriever, BuildInfo(reused=True)
     corpus = link_corpus(dataset, index_dir / CORPUS_DIR)
     labels = write_labels(dataset, index_dir / LABELS_NAME)
-    retriever = Retriever.build(corpus, index_dir, labels=labels, progress=progress, **options)
-    report = retriever.last_build
-    assert report is not None
+    report = build_index(corpus, index_dir, config, labels, progress)
+    retriever = Retriever.open(index_dir)
     return retriever, BuildInfo(
         reused=False,
         indexed=report.indexed,
@@ -191,16 +188,6 @@ def prepare_index(
         duplicates=len(report.duplicates),
         seconds=report.seconds,
     )
-
-
-def _check_options(config: IndexConfig, options: dict[str, Any], index_dir: Path) -> None:
-    wanted = parse_conf(IndexConfig, {**config.model_dump(), **options}, "index options")
-    diff = sorted(k for k in options if getattr(wanted, k) != getattr(config, k))
-    if diff:
-        raise ConfigError(
-            f"{index_dir} was built with other settings ({', '.join(diff)} differ); "
-            "use another index directory, or drop those options"
-        )
 
 
 def link_corpus(dataset: Dataset, corpus: Path) -> Path:
@@ -248,15 +235,18 @@ class _Ranker:
     """Runs the searches of one evaluation and turns matches into database rankings."""
 
     def __init__(
-        self, retriever: Retriever, wanted: set[str], max_rank: int | None, shortlist: int | None
+        self, retriever: Retriever, wanted: set[str], max_rank: int | None, conf: SearchConf
     ) -> None:
         self.retriever = retriever
         self.wanted = wanted
-        self.size = len(retriever.vectors)
+        self.size = len(retriever.snapshot().vectors)
         self.depth = max(1, min(max_rank or DEFAULT_MAX_RANK, self.size))
-        self.shortlist = shortlist
+        self.conf = conf
         self.aliases = _duplicate_aliases(retriever)
-        self.dropped: set[str] = set()
+        self.outside = {
+            r.path for r in retriever.catalog.with_status(Status.INDEXED) if not self._known(r.path)
+        }
+        """Indexed images that are not in this dataset: never results, never voters."""
 
     def run(
         self, q: Query, modes: Sequence[str], stages: dict[str, defaultdict[str, float]]
@@ -269,28 +259,23 @@ class _Ranker:
         try:
             image = query_image(q)
             for m in modes:
+                conf = self.conf.model_copy(update={"k": self.depth, "rerank": m == "rerank"})
                 t0 = time.perf_counter()
-                matches = self.retriever.search(
-                    image, k=self.depth, rerank=(m == "rerank"), shortlist=self.shortlist
-                )
+                result = self.retriever.search(image, conf, exclude=self.outside | q.junk)
                 seconds[m] = time.perf_counter() - t0
-                for stage, s in self.retriever.last_timings.stages.items():
+                for stage, s in result.timings.items():
                     stages[m][stage] += s
-                matches = [x for x in matches if self._inside(x.path)]
-                ranked[m] = self._expand(matches)
-                preds[m] = _predict(matches, m, q.junk)
+                ranked[m] = self._expand(result.matches)
+                preds[m] = _predict(result, m)
         except RetrError as exc:  # an unreadable query scores 0 instead of ending the run
             logger.warning("query %s failed: %s", q.name, exc)
             error = str(exc)
         top = {m: ranked[m][:TOP_SHOWN] for m in modes}
         return QueryResult(q.name, {}, preds, top, seconds, error), ranked
 
-    def _inside(self, path: str) -> bool:
+    def _known(self, path: str) -> bool:
         """Whether an indexed path stands for a database image (itself or a duplicate of it)."""
-        if path in self.wanted or any(p in self.wanted for p in self.aliases.get(path, ())):
-            return True
-        self.dropped.add(path)
-        return False
+        return path in self.wanted or any(p in self.wanted for p in self.aliases.get(path, ()))
 
     def _expand(self, matches: list[Match]) -> list[str]:
         out: list[str] = []
@@ -302,9 +287,9 @@ class _Ranker:
         notes = []
         if self.depth < self.size:
             notes.append(f"rankings cut at {self.depth} of {self.size} images: AP is a lower bound")
-        if self.dropped:
+        if self.outside:
             notes.append(
-                f"{len(self.dropped)} indexed images are not in this dataset's database and "
+                f"{len(self.outside)} indexed images are not in this dataset's database and "
                 "were left out of the rankings"
             )
         return notes
@@ -333,18 +318,15 @@ def _duplicate_aliases(retriever: Retriever) -> dict[str, list[str]]:
     return aliases
 
 
-def _predict(matches: list[Match], mode: str, junk: Collection[str]) -> Prediction | None:
-    """Global: the label of the first result (1-NN), confidence its global score.
-    Rerank: the inlier-weighted vote of Retriever.recognize over the first results.
-    Junk results are ignored, as in the rankings: in leave-one-out mode the query itself is
-    indexed and would otherwise answer its own label."""
-    matches = [x for x in matches if x.path not in junk]
+def _predict(result: SearchResult, mode: str) -> Prediction | None:
+    """Global: the label of the first result (1-NN), confidence its global score (nothing is
+    verified, so the vote would always say unknown). Rerank: the search's own recognition.
+    Junk results (in leave-one-out mode, the query itself) were excluded by the search."""
     if mode == "global":
-        if not matches or not matches[0].label:
-            return None
-        return Prediction(matches[0].label, matches[0].global_score)
-    label, confidence, _ = vote(matches[:RECOGNITION_K])
-    return None if label == UNKNOWN else Prediction(label, confidence)
+        first = result.matches[0] if result.matches else None
+        return Prediction(first.label, first.global_score) if first and first.label else None
+    rec = result.recognition
+    return None if rec.label == UNKNOWN else Prediction(rec.label, rec.confidence)
 
 
 # --- scores --------------------------------------------------------------------------------------

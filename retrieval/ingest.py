@@ -1,0 +1,278 @@
+"""The one ingest path: a corpus file in, its outcome out (indexed, unchanged, duplicate, failed).
+
+`Ingester.ingest` decides what one file needs, extracts its features and hands them to the
+index writer, which commits them in batches (by count and by time: a kill costs at most one
+batch; index.writer). `retr index build`, `index add` and `index update` all feed their files
+through it, hashed and decoded ahead on a thread pool (`prefetch`).
+
+Decisions, per file:
+- unreadable (permissions, I/O error, a link to nowhere): failed, with the reason;
+- same path, same content (SHA-256), features stored for that content: unchanged (its label is
+  updated if it changed);
+- same content as another path that has features: duplicate of it, unless this path has a label
+  and the other has none: then this path takes over (it is indexed, the other becomes its
+  duplicate), so a copy never takes a label away;
+- otherwise decoded and extracted; a file that cannot be decoded or extracted is failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from features.core import ImageReadError, RetrError, file_sha256
+from features.image import load_image
+from features.pipeline import Extractors
+from index.catalog import ImageRecord, RowChange, Status
+from index.writer import Extracted, IndexWriter
+
+logger = logging.getLogger(__name__)
+
+BATCH_IMAGES = int(os.environ.get("RETR_COMMIT_IMAGES", "64"))
+"""Images per committed batch at most (environment: RETR_COMMIT_IMAGES)."""
+BATCH_SECONDS = float(os.environ.get("RETR_COMMIT_SECONDS", "30"))
+"""Seconds of extraction per committed batch at most (environment: RETR_COMMIT_SECONDS)."""
+PREFETCH = 4
+"""Files hashed and decoded ahead of extraction (hashlib and Pillow release the GIL, so two
+threads overlap them with the model's forward passes)."""
+
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, current_path) callback."""
+
+
+@dataclass(frozen=True)
+class FileItem:
+    """A file to ingest: where it is, its catalog path, its label. `problem`: why it cannot be
+    read at all (a dangling link, a loop, a directory named like an image), found by the scan."""
+
+    path: Path
+    rel: str
+    label: str | None
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ingesting one file did. status: indexed (new), updated (changed content, same id),
+    unchanged, duplicate or failed. id: the catalog id, when the file already had one (a new
+    file gets its id when its batch is committed: `IngestReport.ids`)."""
+
+    rel: str
+    status: str
+    reason: str | None = None
+    id: int | None = None
+
+
+@dataclass
+class IngestReport:
+    indexed: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)
+    ids: dict[str, int] = field(default_factory=dict)
+    """Catalog id of every ingested path that has one (filled in as batches commit)."""
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.status == "indexed":
+            self.indexed.append(outcome.rel)
+        elif outcome.status == "updated":
+            self.updated.append(outcome.rel)
+        elif outcome.status == "unchanged":
+            self.unchanged += 1
+        elif outcome.status == "duplicate":
+            self.duplicates.append((outcome.rel, outcome.reason or ""))
+        else:
+            self.failed.append((outcome.rel, outcome.reason or ""))
+
+
+Prepared = tuple[str, Callable[[], np.ndarray] | None]
+"""(sha256, image()) of a file hashed ahead of time; image is None when the file is known and
+unchanged (nothing to decode), and image() re-raises what decoding raised."""
+
+
+class Ingester:
+    """Feeds files into one open IndexWriter; call `flush` at the end."""
+
+    def __init__(self, writer: IndexWriter, extractors: Extractors) -> None:
+        self.writer = writer
+        self.extractors = extractors
+        writer.bind_extractors(*extractors.fingerprints, extractors.global_model.dim)
+        self.known: dict[str, ImageRecord] = writer.catalog.by_path()
+        with_features = [
+            r.id for r in self.known.values() if r.status in (Status.INDEXED, Status.PENDING)
+        ]
+        self.stored_sha = writer.current_sha(with_features)
+        """id -> hash of the content its stored features came from."""
+        self.by_sha: dict[str, ImageRecord] = {}
+        for r in self.known.values():
+            if self.stored_sha.get(r.id) == r.sha256:
+                self.by_sha.setdefault(r.sha256, r)
+        self._batch: list[Extracted] = []
+        self._records: list[RowChange] = []
+        self._batch_start = time.monotonic()
+        self.ids: dict[str, int] = {}
+        """Catalog path -> id of what this ingester committed."""
+
+    def unchanged(self, rec: ImageRecord | None, sha: str) -> bool:
+        return rec is not None and rec.sha256 == sha and self.stored_sha.get(rec.id) == sha
+
+    def ingest(self, item: FileItem, prepared: Future[Prepared] | None = None) -> Outcome:
+        """Decide, extract and stage one file (see the module docstring)."""
+        rec = self.known.get(item.rel)
+        if item.problem is not None:
+            return self._fail(item, rec, "", item.problem)
+        try:
+            sha, image = (
+                prepared.result() if prepared is not None else (file_sha256(item.path), None)
+            )
+        except OSError as exc:
+            return self._fail(item, rec, "", f"unreadable file: {exc}")
+        if self.unchanged(rec, sha):
+            assert rec is not None
+            if rec.label != item.label:
+                self.writer.catalog.set_label(rec.id, item.label)
+            return Outcome(item.rel, "unchanged", id=rec.id)
+        original = self.by_sha.get(sha)
+        if original is not None and original.path != item.rel:
+            if original.id is None or not (item.label and not original.label):
+                return self._record(
+                    item, rec, sha, Status.DUPLICATE, f"same content as {original.path}"
+                )
+            self._records.append(_demoted(original, item.rel))  # this labelled copy takes over
+            self._forget(original.id)
+        try:
+            rgb = image() if image is not None else load_image(item.path)
+            described = self.extractors.describe(rgb)
+        except ImageReadError as exc:
+            return self._fail(item, rec, sha, exc.reason)
+        except (RetrError, RuntimeError, ValueError, MemoryError) as exc:
+            reason = f"extraction failed: {type(exc).__name__}: {exc}"
+            logger.warning("%s: %s", item.rel, reason)
+            return self._fail(item, rec, sha, reason)
+        assert described.local is not None
+        rec_id = rec.id if rec is not None else None
+        self._forget(rec_id)
+        self._batch.append(
+            Extracted(item.rel, sha, item.label, described.descriptor, described.local, rec_id)
+        )
+        self.by_sha[sha] = ImageRecord(id=rec_id, path=item.rel, sha256=sha, label=item.label)
+        if self._due():
+            self.flush()
+        return Outcome(item.rel, "indexed" if rec is None else "updated", id=rec_id)
+
+    def _forget(self, rec_id: int | None) -> None:
+        """The stored features of `rec_id` are being replaced or dropped."""
+        if rec_id is None:
+            return
+        old = self.stored_sha.pop(rec_id, None)
+        if old is not None and self.by_sha.get(old) is not None and self.by_sha[old].id == rec_id:
+            del self.by_sha[old]
+
+    def _due(self) -> bool:
+        return (
+            len(self._batch) >= BATCH_IMAGES
+            or time.monotonic() - self._batch_start >= BATCH_SECONDS
+        )
+
+    def _fail(self, item: FileItem, rec: ImageRecord | None, sha: str, reason: str) -> Outcome:
+        return self._record(item, rec, sha, Status.FAILED, reason)
+
+    def _record(
+        self, item: FileItem, rec: ImageRecord | None, sha: str, status: Status, reason: str
+    ) -> Outcome:
+        rec_id = rec.id if rec is not None else None
+        self._records.append(RowChange(item.rel, sha, item.label, status, reason, rec_id))
+        self._forget(rec_id)
+        if self._due():
+            self.flush()
+        return Outcome(item.rel, status.value, reason, rec_id)
+
+    def flush(self) -> None:
+        """Commit what is staged (one batch)."""
+        if self._batch or self._records:
+            ids = self.writer.commit_batch(self._batch, self._records)
+            for e, i in zip(self._batch, ids, strict=True):
+                self.ids[e.path] = i
+                self.stored_sha[i] = e.sha256
+                self.by_sha[e.sha256] = ImageRecord(
+                    id=i, path=e.path, sha256=e.sha256, label=e.label
+                )
+        self._batch, self._records = [], []
+        self._batch_start = time.monotonic()
+
+
+def _demoted(original: ImageRecord, by: str) -> RowChange:
+    """`original` becomes a duplicate of the labelled copy `by`."""
+    return RowChange(
+        original.path,
+        original.sha256,
+        original.label,
+        Status.DUPLICATE,
+        f"same content as {by}",
+        original.id,
+    )
+
+
+def ingest_files(
+    ingester: Ingester, files: Sequence[FileItem], progress: Progress | None = None
+) -> IngestReport:
+    """Ingest every file (labelled ones first, so a labelled copy is the one indexed) and
+    commit the last batch."""
+    order = sorted(files, key=lambda f: (f.label is None, f.rel))
+    report = IngestReport()
+    for done, (item, prepared) in enumerate(prefetch(order, ingester)):
+        if progress:
+            progress(done, len(order), item.rel)
+        report.add(ingester.ingest(item, prepared))
+    ingester.flush()
+    report.ids = {
+        i.rel: ingester.ids.get(i.rel) or ingester.known[i.rel].id
+        for i in order
+        if i.rel in ingester.ids or i.rel in ingester.known
+    }
+    if progress:
+        progress(len(order), len(order), "")
+    return report
+
+
+def prefetch(
+    files: Sequence[FileItem], ingester: Ingester
+) -> Iterator[tuple[FileItem, Future[Prepared] | None]]:
+    """The files in order, each with its hash-and-decode job, PREFETCH files ahead."""
+    with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
+        pending: deque[tuple[FileItem, Future[Prepared] | None]] = deque()
+        for item in files:
+            job = None
+            if item.problem is None:
+                job = pool.submit(_prepare, item.path, ingester.known.get(item.rel), ingester)
+            pending.append((item, job))
+            if len(pending) > PREFETCH:
+                yield pending.popleft()
+        yield from pending
+
+
+def _prepare(path: Path, rec: ImageRecord | None, ingester: Ingester) -> Prepared:
+    sha = file_sha256(path)  # OSError reaches `ingest` through the future
+    if ingester.unchanged(rec, sha):
+        return sha, None
+    try:
+        rgb = load_image(path)
+    except Exception as exc:  # raised again inside `ingest`, whose handlers decide
+        return sha, _raiser(exc)
+    return sha, lambda: rgb
+
+
+def _raiser(exc: Exception) -> Callable[[], np.ndarray]:
+    def fail() -> np.ndarray:
+        raise exc
+
+    return fail

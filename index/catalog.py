@@ -204,6 +204,10 @@ class Catalog:
             q = select(ImageRecord.status, func.count()).group_by(ImageRecord.status)
             return {str(st): int(n) for st, n in s.execute(q)}
 
+    def is_empty(self) -> bool:
+        with self._guard("counting"), self.session() as s:
+            return s.scalar(select(ImageRecord.id).limit(1)) is None
+
     def count(self) -> int:
         with self._guard("counting"), self.session() as s:
             return int(s.scalar(select(func.count()).select_from(ImageRecord)) or 0)

@@ -80,7 +80,7 @@ class Retriever:
     def _check_catalog(self) -> None:
         """A catalog without the rows of a non-empty index is an error, not empty results."""
         held = self._snapshot.manifest.vector_count
-        if held and self.catalog.count() == 0:
+        if held and self.catalog.is_empty():
             raise IndexError_(
                 f"catalog {mask_url(self.catalog.url)} is empty but {self.paths.root} holds "
                 f"{held} images; pass the --db it was built with, or {self.paths.repair_hint()}"

@@ -46,24 +46,30 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:  # permissions, I/O errors, a file that vanished
         raise ImageReadError(path, f"unreadable file ({exc.strerror or exc})") from None
+    return decode_bytes(data, path, max_pixels)
+
+
+def decode_bytes(data: bytes, name: object, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An encoded image file's bytes (an upload, a file read elsewhere) as (H, W, 3) uint8 RGB;
+    ImageReadError naming `name` otherwise, with the same reasons as `load_image`."""
     if not data:
-        raise ImageReadError(path, "empty file (0 bytes)")
+        raise ImageReadError(name, "empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             # retr applies its own cap (max_pixels) before decoding, so Pillow's warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             pil = Image.open(io.BytesIO(data))
-            _check_pixels(pil, path, max_pixels)
+            _check_pixels(pil, name, max_pixels)
             pil.load()
     except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image, or a format Pillow cannot read") from None
+        raise ImageReadError(name, "not an image, or a format Pillow cannot read") from None
     except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"refused as a decompression bomb ({exc})") from None
+        raise ImageReadError(name, f"refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
-            path, f"corrupt or truncated image ({exc}); re-export the file"
+            name, f"corrupt or truncated image ({exc}); re-export the file"
         ) from None
-    return _check_size(_pil_to_rgb(pil, path, max_pixels), path)
+    return _check_size(_pil_to_rgb(pil, name, max_pixels), name)
 
 
 def _check_pixels(pil: Image.Image, name: object, max_pixels: int) -> None:

@@ -57,6 +57,10 @@ class Extractors:
         """(global, local) fingerprints: what feature stores record."""
         return self.global_model.fingerprint, self.local.fingerprint
 
+    @property
+    def global_dim(self) -> int:
+        return self.global_model.dim
+
     def describe(self, image: ImageInput, with_local: bool = True) -> Described:
         """Features of one image (a path, an array or a PIL image)."""
         rgb = load_image(image)

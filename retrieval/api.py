@@ -67,12 +67,14 @@ class Retriever:
         progress: Progress | None = None,
         device: Any = None,
         wait: float | None = None,
+        ray: str | None = None,
         **options: Any,
     ) -> Retriever:
         """Build (or update) the index of `corpus` and open it. `options` are IndexConfig
-        fields, e.g. local_method="disk", local_conf={"max_keypoints": 1024}, db_url=..."""
+        fields, e.g. local_method="disk", local_conf={"max_keypoints": 1024}, db_url=...;
+        ray: "auto" or a cluster address to extract on Ray workers (retrieval.distributed)."""
         config = IndexConfig.parse(options)
-        report = build_index(corpus, index_dir, config, labels, progress, device, wait)
+        report = build_index(corpus, index_dir, config, labels, progress, device, wait, ray)
         retriever = cls(index_dir, db=options.get("db_url"), device=device)
         retriever.build_report = report
         return retriever

@@ -15,6 +15,8 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from features.core import ConfigError
 from features.pipeline import Extractors
 from index.layout import IndexConfig, IndexPaths, settle_config
 from index.writer import IndexWriter
-from retrieval.ingest import FileItem, Ingester, Progress, ingest_files
+from retrieval.ingest import Extraction, FileItem, Ingester, Models, Progress, ingest_files
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,10 @@ class BuildReport:
     seconds: float = 0.0
     total_indexed: int = 0
     generation: int = 0
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    """Ray builds: each worker's pid and peak memory (bytes), and `ray_start_s` the seconds
+    taken to start or join the runtime."""
+    ray_start_s: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -130,6 +136,30 @@ def read_labels(csv_path: Path, corpus: Path) -> tuple[dict[str, str], list[str]
     return labels, ignored
 
 
+@contextmanager
+def _extraction(
+    config: IndexConfig, device: Any, ray: str | None, report: BuildReport
+) -> Iterator[tuple[Models, Extraction | None]]:
+    """The models and where extraction runs: here (None), or on Ray workers."""
+    if ray is None:
+        c = config
+        yield Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf, device), None
+        return
+    from retrieval import distributed
+
+    started, report.ray_start_s = distributed.connect(ray)
+    pool = None
+    try:
+        pool = distributed.RayExtraction(config, None if device == "auto" else device)
+        yield pool.models, pool
+        report.workers = pool.worker_info()
+    finally:
+        if pool is not None:
+            pool.close()
+        if started:
+            distributed.disconnect()
+
+
 def corpus_items(corpus: Path, labels: dict[str, str] | None) -> list[FileItem]:
     """Every entry of the corpus as a FileItem: label from `labels` when given, else the first
     sub-folder."""
@@ -155,14 +185,21 @@ def build_index(
     progress: Progress | None = None,
     device: Any = None,
     wait: float | None = None,
+    ray: str | None = None,
 ) -> BuildReport:
     """Index every new or changed file of `corpus` into `index_dir` (created if needed).
 
     `config`: a new index takes it; an existing index keeps its own, and the fields `config`
     was given (`IndexConfig.parse`) must agree with it (index.layout.settle_config). wait:
-    seconds to wait for another writer to finish (None: fail at once).
+    seconds to wait for another writer to finish (None: fail at once). ray: "auto" (a local
+    Ray runtime) or a cluster address: extraction runs on Ray workers
+    (retrieval.distributed), everything else as here.
     """
     start = time.perf_counter()
+    if ray is not None:
+        from retrieval.distributed import require_ray
+
+        require_ray()  # refused before anything is written
     corpus = Path(corpus).resolve()
     labels, ignored = read_labels(Path(labels_csv), corpus) if labels_csv else (None, [])
     items = corpus_items(corpus, labels)
@@ -176,21 +213,13 @@ def build_index(
         rebuilt = settled != writer.config
         if rebuilt:
             writer.set_config(settled)
-        extractors = Extractors(
-            settled.global_model,
-            settled.global_conf,
-            settled.local_method,
-            settled.local_conf,
-            device,
-        )
-        ingested = ingest_files(Ingester(writer, extractors), items, progress)
-        report = BuildReport(
-            indexed=len(ingested.indexed) + len(ingested.updated),
-            unchanged=ingested.unchanged,
-            failed=ingested.failed,
-            duplicates=ingested.duplicates,
-            ignored_labels=ignored,
-        )
+        report = BuildReport(ignored_labels=ignored)
+        with _extraction(settled, device, ray, report) as (models, extraction):
+            ingester = Ingester(writer, models)
+            ingested = ingest_files(ingester, items, progress, extraction)
+        report.indexed = len(ingested.indexed) + len(ingested.updated)
+        report.unchanged = ingested.unchanged
+        report.failed, report.duplicates = ingested.failed, ingested.duplicates
         m = writer.manifest
         if rebuilt or m.pending or m.pending_dead or not m.published:
             report.generation = writer.publish(refit=True).generation

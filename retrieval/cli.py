@@ -161,6 +161,13 @@ def index_build(
     local_dtype: Annotated[str | None, typer.Option(help=_help_index("local_dtype"))] = None,
     device: DeviceOpt = "auto",
     wait: WaitOpt = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="Extract on Ray: 'auto' starts a local runtime, an address joins a cluster "
+            "(needs retr[ray])."
+        ),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Index every new or changed image of CORPUS (a killed build resumes where it stopped)."""
@@ -182,7 +189,7 @@ def index_build(
             local_dtype=local_dtype,
         )
         with progress_bar("indexing", quiet) as update:
-            report = build_index(corpus, index, config, labels, update, device, wait)
+            report = build_index(corpus, index, config, labels, update, device, wait, ray)
     console.print(
         f"indexed {report.indexed} new or changed, {report.unchanged} unchanged, "
         f"{len(report.failed)} failed, {len(report.duplicates)} duplicates "

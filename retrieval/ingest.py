@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from features.core import ImageReadError, RetrError, file_sha256
 from features.image import load_image
-from features.pipeline import Extractors
+from features.pipeline import Described
 from index.catalog import ImageRecord, RowChange, Status
 from index.writer import Extracted, IndexWriter
 
@@ -94,18 +95,61 @@ class IngestReport:
             self.failed.append((outcome.rel, outcome.reason or ""))
 
 
+@dataclass(frozen=True)
+class Job:
+    """A file that needs extraction (`Ingester.plan`); rec_id: its catalog id if it has one."""
+
+    item: FileItem
+    rec_id: int | None
+    sha: str
+    image: Callable[[], np.ndarray] | None = None
+    """The file decoded ahead (re-raising what decoding raised), when it was."""
+
+    def rgb(self) -> np.ndarray:
+        return self.image() if self.image is not None else load_image(self.item.path)
+
+
+def extract_or_reason(
+    extractors: Models, source: Callable[[], np.ndarray]
+) -> tuple[Described | None, str | None]:
+    """(features, None) of the image `source()` returns, or (None, reason) when it cannot be
+    decoded or extracted: the one place a failure becomes the reason the catalog records,
+    whether extraction runs here or in a worker (retrieval.distributed)."""
+    try:
+        return extractors.describe(source()), None
+    except ImageReadError as exc:
+        return None, exc.reason
+    except (RetrError, RuntimeError, ValueError, MemoryError) as exc:
+        reason = f"extraction failed: {type(exc).__name__}: {exc}"
+        logger.warning("%s", reason)
+        return None, reason
+
+
 Prepared = tuple[str, Callable[[], np.ndarray] | None]
 """(sha256, image()) of a file hashed ahead of time; image is None when the file is known and
 unchanged (nothing to decode), and image() re-raises what decoding raised."""
 
 
+class Models(Protocol):
+    """What ingesting needs of the models: their identity, and extraction (local models:
+    features.pipeline.Extractors; remote ones: retrieval.distributed)."""
+
+    @property
+    def fingerprints(self) -> tuple[str, str]: ...
+
+    @property
+    def global_dim(self) -> int: ...
+
+    def describe(self, image: np.ndarray) -> Described: ...
+
+
 class Ingester:
     """Feeds files into one open IndexWriter; call `flush` at the end."""
 
-    def __init__(self, writer: IndexWriter, extractors: Extractors) -> None:
+    def __init__(self, writer: IndexWriter, extractors: Models) -> None:
         self.writer = writer
         self.extractors = extractors
-        writer.bind_extractors(*extractors.fingerprints, extractors.global_model.dim)
+        writer.bind_extractors(*extractors.fingerprints, extractors.global_dim)
         self.known: dict[str, ImageRecord] = writer.catalog.by_path()
         with_features = [
             r.id for r in self.known.values() if r.status in (Status.INDEXED, Status.PENDING)
@@ -125,8 +169,10 @@ class Ingester:
     def unchanged(self, rec: ImageRecord | None, sha: str) -> bool:
         return rec is not None and rec.sha256 == sha and self.stored_sha.get(rec.id) == sha
 
-    def ingest(self, item: FileItem, prepared: Future[Prepared] | None = None) -> Outcome:
-        """Decide, extract and stage one file (see the module docstring)."""
+    def plan(self, item: FileItem, prepared: Future[Prepared] | None = None) -> Outcome | Job:
+        """Decide what one file needs (see the module docstring): an Outcome when it needs no
+        extraction, else the Job to extract. The file's content is claimed at once, so a copy
+        planned later is its duplicate even before its features are committed."""
         rec = self.known.get(item.rel)
         if item.problem is not None:
             return self._fail(item, rec, "", item.problem)
@@ -149,25 +195,36 @@ class Ingester:
                 )
             self._records.append(_demoted(original, item.rel))  # this labelled copy takes over
             self._forget(original.id)
-        try:
-            rgb = image() if image is not None else load_image(item.path)
-            described = self.extractors.describe(rgb)
-        except ImageReadError as exc:
-            return self._fail(item, rec, sha, exc.reason)
-        except (RetrError, RuntimeError, ValueError, MemoryError) as exc:
-            reason = f"extraction failed: {type(exc).__name__}: {exc}"
-            logger.warning("%s: %s", item.rel, reason)
-            return self._fail(item, rec, sha, reason)
-        assert described.local is not None
         rec_id = rec.id if rec is not None else None
         self._forget(rec_id)
-        self._batch.append(
-            Extracted(item.rel, sha, item.label, described.descriptor, described.local, rec_id)
-        )
         self.by_sha[sha] = ImageRecord(id=rec_id, path=item.rel, sha256=sha, label=item.label)
+        return Job(item, rec_id, sha, image)
+
+    def stage(self, job: Job, described: Described | None, reason: str | None) -> Outcome:
+        """Hand one extracted file to the writer (committed with its batch), or record why its
+        extraction failed."""
+        if described is None or described.local is None:
+            claim = self.by_sha.get(job.sha)
+            if claim is not None and claim.path == job.item.rel:
+                del self.by_sha[job.sha]
+            rec = self.known.get(job.item.rel)
+            return self._fail(job.item, rec, job.sha, reason or "extraction failed")
+        self._batch.append(
+            Extracted(
+                job.item.rel, job.sha, job.item.label, described.descriptor, described.local,
+                job.rec_id,
+            )
+        )  # fmt: skip
         if self._due():
             self.flush()
-        return Outcome(item.rel, "indexed" if rec is None else "updated", id=rec_id)
+        return Outcome(job.item.rel, "indexed" if job.rec_id is None else "updated", id=job.rec_id)
+
+    def ingest(self, item: FileItem, prepared: Future[Prepared] | None = None) -> Outcome:
+        """Plan, extract (here, in this process) and stage one file."""
+        planned = self.plan(item, prepared)
+        if isinstance(planned, Outcome):
+            return planned
+        return self.stage(planned, *extract_or_reason(self.extractors, planned.rgb))
 
     def _forget(self, rec_id: int | None) -> None:
         """The stored features of `rec_id` are being replaced or dropped."""
@@ -222,17 +279,39 @@ def _demoted(original: ImageRecord, by: str) -> RowChange:
     )
 
 
+class Extraction(Protocol):
+    """Where the ingest path's extraction runs: here (`LocalExtraction`) or on workers
+    (retrieval.distributed.RayExtraction). Either yields one Outcome per file, in order, from
+    the same Ingester.plan / stage calls."""
+
+    def outcomes(self, ingester: Ingester, files: Sequence[FileItem]) -> Iterator[Outcome]: ...
+
+
+class LocalExtraction:
+    """Extraction in this process, files hashed and decoded ahead on a thread pool."""
+
+    def outcomes(self, ingester: Ingester, files: Sequence[FileItem]) -> Iterator[Outcome]:
+        for item, prepared in prefetch(files, ingester):
+            yield ingester.ingest(item, prepared)
+
+
 def ingest_files(
-    ingester: Ingester, files: Sequence[FileItem], progress: Progress | None = None
+    ingester: Ingester,
+    files: Sequence[FileItem],
+    progress: Progress | None = None,
+    extraction: Extraction | None = None,
 ) -> IngestReport:
     """Ingest every file (labelled ones first, so a labelled copy is the one indexed) and
     commit the last batch."""
     order = sorted(files, key=lambda f: (f.label is None, f.rel))
     report = IngestReport()
-    for done, (item, prepared) in enumerate(prefetch(order, ingester)):
+    if progress:
+        progress(0, len(order), "")
+    steps = (extraction or LocalExtraction()).outcomes(ingester, order)
+    for done, outcome in enumerate(steps, start=1):
+        report.add(outcome)
         if progress:
-            progress(done, len(order), item.rel)
-        report.add(ingester.ingest(item, prepared))
+            progress(done, len(order), outcome.rel)
     ingester.flush()
     report.ids = {
         i.rel: ingester.ids.get(i.rel) or ingester.known[i.rel].id
@@ -245,24 +324,26 @@ def ingest_files(
 
 
 def prefetch(
-    files: Sequence[FileItem], ingester: Ingester
+    files: Sequence[FileItem], ingester: Ingester, decode: bool = True, ahead: int = PREFETCH
 ) -> Iterator[tuple[FileItem, Future[Prepared] | None]]:
-    """The files in order, each with its hash-and-decode job, PREFETCH files ahead."""
+    """The files in order, each with its hash (and, with `decode`, decode) job, `ahead` files
+    ahead."""
     with ThreadPoolExecutor(2, thread_name_prefix="decode") as pool:
         pending: deque[tuple[FileItem, Future[Prepared] | None]] = deque()
         for item in files:
             job = None
             if item.problem is None:
-                job = pool.submit(_prepare, item.path, ingester.known.get(item.rel), ingester)
+                rec = ingester.known.get(item.rel)
+                job = pool.submit(_prepare, item.path, rec, ingester, decode)
             pending.append((item, job))
-            if len(pending) > PREFETCH:
+            if len(pending) > ahead:
                 yield pending.popleft()
         yield from pending
 
 
-def _prepare(path: Path, rec: ImageRecord | None, ingester: Ingester) -> Prepared:
-    sha = file_sha256(path)  # OSError reaches `ingest` through the future
-    if ingester.unchanged(rec, sha):
+def _prepare(path: Path, rec: ImageRecord | None, ingester: Ingester, decode: bool) -> Prepared:
+    sha = file_sha256(path)  # OSError reaches `plan` through the future
+    if not decode or ingester.unchanged(rec, sha):
         return sha, None
     try:
         rgb = load_image(path)

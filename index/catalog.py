@@ -13,6 +13,20 @@ Only `retr index build` creates a catalog (`create=True`); every other use opens
 so a mistyped `--db` never produces an empty catalog that silently answers nothing. SQLite runs
 in WAL mode with a busy timeout, so readers and the one writer do not block each other. URLs in
 messages have their password masked.
+
+PostgreSQL (`postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`, `pip install 'retr[postgres]'`):
+ids come from the table's sequence (explicit ids, which only a repair inserts, move it past
+them); pooled connections are checked before use, so a build that sat in extraction while the
+server restarted reconnects, and a server that stays down fails the next catalog step with one
+line (the batches committed before it are kept: the rerun resumes). A catalog belongs to one
+index directory: its writer records the index's id in `retr_index` (`bind`), and another
+index's writer is refused, because two indexes in one table would see each other's rows as
+their own. Several indexes can share one database in separate schemas
+(`?options=-csearch_path%3DNAME` in the URL, after `CREATE SCHEMA NAME`).
+
+Queries never load the whole table where a question does not need it: counts by status are one
+GROUP BY, lookups by id go in batches of LOOKUP_BATCH, pending rows are read as (id, hash) pairs,
+and writes go as one multi-row statement per batch.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    insert,
     inspect,
     select,
     text,
@@ -46,7 +61,11 @@ from features.core import IndexError_
 
 LOOKUP_BATCH = 500
 """Ids per `IN (...)` lookup (SQLite's bound-parameter limit is 999 on old builds)."""
+WRITE_BATCH = 5_000
+"""Rows per multi-row INSERT or UPDATE."""
 BUSY_TIMEOUT_MS = 30_000
+CONNECT_TIMEOUT_S = 10
+"""Seconds to reach a database server."""
 
 
 class Status(str, enum.Enum):
@@ -87,6 +106,15 @@ class ImageRecord(Base):
         return f"ImageRecord(id={self.id}, path={self.path!r}, status={self.status})"
 
 
+class IndexOwner(Base):
+    """The index directory a catalog belongs to (one row; `Catalog.bind`)."""
+
+    __tablename__ = "retr_index"
+
+    uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
 @dataclass(frozen=True)
 class RowChange:
     """A row to insert (id None) or update (id given)."""
@@ -125,7 +153,9 @@ class Catalog:
         if not create and sqlite_file is not None and not sqlite_file.is_file():
             raise IndexError_(f"catalog file {sqlite_file} is missing{self._hint()}")
         try:
-            self.engine: Engine = create_engine(url, connect_args=_connect_args(url))
+            self.engine: Engine = create_engine(
+                url, connect_args=_connect_args(url), pool_pre_ping=not url.startswith("sqlite")
+            )
             if self.engine.dialect.name == "sqlite":
                 event.listen(self.engine, "connect", _sqlite_pragmas)
             with self._guard("open"):
@@ -198,6 +228,14 @@ class Catalog:
             )
             return list(s.scalars(q.order_by(ImageRecord.id)))
 
+    def pending_hashes(self) -> dict[int, str]:
+        """id -> sha256 of every pending row (two columns, not whole records)."""
+        with self._guard("reading"), self.session() as s:
+            q = select(ImageRecord.id, ImageRecord.sha256).where(
+                ImageRecord.status == Status.PENDING.value
+            )
+            return {int(i): str(h) for i, h in s.execute(q)}
+
     def status_counts(self) -> dict[str, int]:
         """Rows per status (one GROUP BY)."""
         with self._guard("counting"), self.session() as s:
@@ -205,7 +243,8 @@ class Catalog:
             return {str(st): int(n) for st, n in s.execute(q)}
 
     def is_empty(self) -> bool:
-        with self._guard("counting"), self.session() as s:
+        """Whether the table has no row (one indexed probe, not a count of the table)."""
+        with self._guard("reading"), self.session() as s:
             return s.scalar(select(ImageRecord.id).limit(1)) is None
 
     def count(self) -> int:
@@ -215,30 +254,107 @@ class Catalog:
     # --- writes --------------------------------------------------------------------------------
 
     def upsert(self, changes: Sequence[RowChange]) -> list[int]:
-        """Insert or update rows in one transaction; returns their ids, in order."""
+        """Insert or update rows in one transaction; returns their ids, in order. Rows with an
+        id that exists are updated (width and height only when `size` is given), the others
+        inserted, as one multi-row statement per WRITE_BATCH."""
         with self._guard("writing"), self.session() as s:
-            out = []
-            for c in changes:
-                values: dict[str, Any] = {
-                    "path": c.path,
-                    "sha256": c.sha256,
-                    "label": c.label,
-                    "status": c.status.value,
-                    "reason": c.reason,
-                }
-                if c.size is not None:
-                    values["width"], values["height"] = c.size
-                rec = s.merge(ImageRecord(id=c.id, **values))
-                s.flush()
-                out.append(rec.id)
+            given = [c.id for c in changes if c.id is not None]
+            existing = set(self._existing(s, given))
+            out: list[int | None] = [c.id for c in changes]
+            fresh = [k for k, c in enumerate(changes) if c.id is None or c.id not in existing]
+            if fresh:
+                values = [_row_values(changes[k], changes[k].id is not None, True) for k in fresh]
+                with_id = [v for v in values if "id" in v]
+                without = [(k, v) for k, v in zip(fresh, values, strict=True) if "id" not in v]
+                if with_id:
+                    self._insert(s, with_id)
+                    self._advance_sequence(s)
+                if without:
+                    ids = self._insert(s, [v for _, v in without], returning=True)
+                    for (k, _), i in zip(without, ids, strict=True):
+                        out[k] = i
+            stale = [c for c in changes if c.id is not None and c.id in existing]
+            for sized in (True, False):
+                rows = [
+                    _row_values(c, with_id=True) for c in stale if (c.size is not None) == sized
+                ]
+                for start in range(0, len(rows), WRITE_BATCH):
+                    s.execute(update(ImageRecord), rows[start : start + WRITE_BATCH])
             s.commit()
-            return out
+            return [int(i) for i in out if i is not None]
+
+    def _existing(self, s: Session, ids: Sequence[int]) -> list[int]:
+        found: list[int] = []
+        for start in range(0, len(ids), LOOKUP_BATCH):
+            part = ids[start : start + LOOKUP_BATCH]
+            found += s.scalars(select(ImageRecord.id).where(ImageRecord.id.in_(part)))
+        return found
+
+    def _insert(self, s: Session, rows: list[dict[str, Any]], returning: bool = False) -> list[int]:
+        """Multi-row INSERTs; with `returning`, the new ids in the order of `rows`."""
+        ids: list[int] = []
+        for start in range(0, len(rows), WRITE_BATCH):
+            part = rows[start : start + WRITE_BATCH]
+            if returning:
+                q = insert(ImageRecord).returning(ImageRecord.id, sort_by_parameter_order=True)
+                ids += [int(r[0]) for r in s.execute(q, part)]
+            else:
+                s.execute(insert(ImageRecord), part)
+        return ids
+
+    def _advance_sequence(self, s: Session) -> None:
+        """After rows were inserted with their ids given: PostgreSQL's sequence moves past them
+        (SQLite's AUTOINCREMENT counter follows by itself), so ids are never reused."""
+        if self.engine.dialect.name == "postgresql":
+            s.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('images', 'id'), "
+                    "(SELECT COALESCE(MAX(id), 1) FROM images))"
+                )
+            )
 
     def insert_with_ids(self, records: Sequence[ImageRecord]) -> None:
-        """Rows with their ids given (catalog repair)."""
+        """Rows with their ids given (catalog repair), inserted in multi-row statements."""
+        columns = [c.key for c in ImageRecord.__table__.columns]
+        rows = [{k: getattr(r, k) for k in columns if getattr(r, k) is not None} for r in records]
         with self._guard("writing"), self.session() as s:
-            s.add_all(records)
+            now = _now()
+            for row in rows:
+                row.setdefault("created_at", now)
+                row.setdefault("updated_at", now)
+                row.setdefault("width", None)
+                row.setdefault("height", None)
+                row.setdefault("label", None)
+                row.setdefault("reason", None)
+            if rows:
+                self._insert(s, rows)
+                self._advance_sequence(s)
             s.commit()
+
+    # --- the owning index ----------------------------------------------------------------------
+
+    def owner(self) -> str | None:
+        """The id of the index directory this catalog belongs to (None: not recorded)."""
+        with self._guard("reading the owner"), self.session() as s:
+            if not inspect(self.engine).has_table(IndexOwner.__tablename__):
+                return None
+            return s.scalar(select(IndexOwner.uid).limit(1))
+
+    def bind(self, uid: str, root: object) -> None:
+        """Record that the index `uid` (directory `root`) owns this catalog, or refuse when
+        another index does (module docstring)."""
+        found = self.owner()
+        if found is not None and found != uid:
+            raise IndexError_(
+                f"catalog {self.shown} belongs to another index (id {found[:12]}), not to {root} "
+                f"({uid[:12]}); give each index its own database, or its own schema "
+                "(`?options=-csearch_path%3DNAME` in the --db URL, after CREATE SCHEMA NAME)"
+            )
+        if found is None:
+            with self._guard("recording the owner"), self.session() as s:
+                Base.metadata.create_all(self.engine, tables=[IndexOwner.__table__])  # type: ignore[list-item]
+                s.add(IndexOwner(uid=uid))
+                s.commit()
 
     def set_label(self, image_id: int, label: str | None) -> None:
         with self._guard("writing"), self.session() as s:
@@ -297,7 +413,30 @@ def _sqlite_file(url: str) -> Path | None:
 def _connect_args(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"timeout": BUSY_TIMEOUT_MS / 1000}
+    if url.startswith("postgresql"):
+        return {"connect_timeout": CONNECT_TIMEOUT_S}
     return {}
+
+
+def _row_values(c: RowChange, with_id: bool, new: bool = False) -> dict[str, Any]:
+    """Column values of a change (updated_at set here: bulk statements skip ORM hooks). A new
+    row always has width and height (None when unknown), so a batch's rows share their keys;
+    an update leaves them alone unless the size is known."""
+    values: dict[str, Any] = {
+        "path": c.path,
+        "sha256": c.sha256,
+        "label": c.label,
+        "status": c.status.value,
+        "reason": c.reason,
+        "updated_at": _now(),
+    }
+    if with_id:
+        values["id"] = c.id
+    if c.size is not None:
+        values["width"], values["height"] = c.size
+    elif new:
+        values["width"] = values["height"] = None
+    return values
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -4,7 +4,8 @@ retr.json            IndexConfig, written at the first build (a copy lives in th
 manifest.json        the commit record: live segments, whitening, vectors (index.manifest)
 segments/seg-*.h5    immutable feature segments (index.segments)
 whitening-<g>.npz    PCA whitening of generation g (index.whitening)
-vectors-<g>.faiss    FAISS index of generation g (index.vectors)
+vectors-<g>.faiss    FAISS index of generation g (index.vectors), unless the vectors live in
+                     Milvus (vector_store, index.vector_backends)
 codec-<g>.npy        product quantiser of a "pq" local store (index.encoding)
 catalog.sqlite       the catalog, unless `db_url` names another database (index.catalog)
 write.lock           the writer's lock (index.lock)
@@ -47,12 +48,31 @@ class IndexConfig(StrictConf):
     (index.encoding)."""
     db_url: str | None = None
     """SQLAlchemy URL of the catalog; None = catalog.sqlite inside the index directory."""
+    vector_store: str | None = None
+    """Where the vectors live: None = FAISS files in the index directory, or
+    milvus://HOST:PORT/COLLECTION, milvus-lite://PATH.db/COLLECTION (index.vector_backends);
+    with Milvus, index_type is a Milvus index type (FLAT, HNSW, IVF_FLAT, IVF_SQ8, IVF_PQ)."""
+    matcher: str = "auto"
+    """Matcher of the rerank: auto (measured best for the device), mnn, lightglue or
+    mnn+lightglue (retrieval.matchers); a query may override it."""
     corpus: str | None = None
 
     @field_validator("local_dtype")
     @classmethod
     def _known_dtype(cls, value: str) -> str:
         return check_local_dtype(value)
+
+    @field_validator("vector_store")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        from index.vector_backends import check_vector_store
+
+        return check_vector_store(value)
+
+    @field_validator("matcher")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.lower()
 
     @field_validator("whitening_shrinkage")
     @classmethod
@@ -66,6 +86,9 @@ class IndexConfig(StrictConf):
         """Plug-in names and their config keys are checked here, at the boundary, not when a
         network is first built."""
         check_confs(self.global_model, self.global_conf, self.local_method, self.local_conf)
+        from retrieval.matchers import check_plan  # the matchers sit above the index layer
+
+        check_plan(self.matcher, self.local_method)
         return self
 
     @classmethod
@@ -75,7 +98,7 @@ class IndexConfig(StrictConf):
         return parse_conf(cls, values, what)
 
 
-REBUILT = {"index_type"}
+REBUILT = {"index_type", "vector_store"}
 """Options a later build may change: what they decide is rebuilt from the stores every time."""
 
 

@@ -40,7 +40,7 @@ from index.lock import WriteLock
 from index.manifest import FileEntry, Manifest, SegmentEntry, owned_file, pack_ids, unpack_ids
 from index.segments import SEGMENTS_DIR, SegmentReader
 from index.store import FeatureStore
-from index.vectors import VectorIndex
+from index.vector_backends import mask_store, vector_backend
 from index.whitening import Whitening
 from index.writer import IndexWriter
 
@@ -90,7 +90,7 @@ def check_index(index_dir: str | Path, deep: bool = False, db: str | None = None
     report.images, report.segments = len(live), len(manifest.segments)
     _check_files(paths, manifest, deep, report)
     _check_segments(paths, manifest, deep, report)
-    if manifest.published:
+    if manifest.published and config is not None:
         _check_vectors(paths, manifest, config, live, report)
     if manifest.pending:
         waiting = sum(len(s.live_ids()) for s in manifest.pending)
@@ -131,7 +131,8 @@ def _check_config(paths: IndexPaths, manifest: Manifest, report: CheckReport) ->
 
 def _check_files(paths: IndexPaths, manifest: Manifest, deep: bool, report: CheckReport) -> None:
     entries: list[FileEntry] = list(manifest.segments + manifest.pending)
-    entries += [e for e in (manifest.whitening, manifest.vectors, manifest.codec) if e]
+    derived = (manifest.whitening, manifest.whitening_other, manifest.vectors, manifest.codec)
+    entries += [e for e in derived if e]
     for entry in entries:
         rel = f"{SEGMENTS_DIR}/{entry.name}" if isinstance(entry, SegmentEntry) else entry.name
         problem = _file_problem(paths.root / rel, entry, deep)
@@ -182,28 +183,28 @@ def _check_segments(paths: IndexPaths, manifest: Manifest, deep: bool, report: C
 def _check_vectors(
     paths: IndexPaths,
     manifest: Manifest,
-    config: IndexConfig | None,
+    config: IndexConfig,
     live: np.ndarray,
     report: CheckReport,
 ) -> None:
-    assert manifest.whitening is not None and manifest.vectors is not None
+    """The vector backend's own check (index.vector_backends) against the live ids."""
+    assert manifest.whitening is not None
     try:
         whitening = Whitening.load(paths.root / manifest.whitening.name)
-        vectors = VectorIndex.load(paths.root / manifest.vectors.name)
-    except IndexError_ as exc:
+        backend = vector_backend(paths.root, config.vector_store, config.index_type)
+    except RetrError as exc:
         report.problems.append(str(exc))
         return
-    where = paths.root / manifest.vectors.name
-    if vectors.dim != whitening.dim:
-        report.problems.append(
-            f"{where} has {vectors.dim} dims, the whitening {whitening.dim}; {paths.repair_hint()}"
-        )
-    if not np.array_equal(vectors.ids(), live):
-        extra = np.setdiff1d(vectors.ids(), live)
-        missing = np.setdiff1d(live, vectors.ids())
-        report.problems.append(
-            f"{where} disagrees with the live images ({len(extra)} extra ids, {len(missing)} "
-            f"missing); {paths.repair_hint()}"
+    try:
+        problems = backend.check(manifest, live, whitening.dim)
+    finally:
+        backend.close()
+    hint = paths.repair_hint()
+    report.problems += [p if p.endswith(hint) else f"{p}; {hint}" for p in problems]
+    if manifest.vector_intent:
+        report.notes.append(
+            f"an interrupted publish left {len(unpack_ids(manifest.vector_intent))} vectors in "
+            f"{backend.where(manifest)} ahead of its commit; the next write puts them back"
         )
 
 
@@ -535,14 +536,28 @@ def _rebuild_derived(
 ) -> Manifest:
     """Whitening refitted if it is lost or damaged; vector index rebuilt if it is lost, damaged
     or disagrees with the live ids."""
-    if not manifest.segments and manifest.vectors is None:
+    if not manifest.segments and not manifest.published:
         return manifest
     store = FeatureStore(paths.root, manifest)
     gen = manifest.generation + 1
     try:
         live = store.ids()
         whitening = _load_or_none(paths, manifest.whitening, Whitening.load)
+        other = _load_or_none(paths, manifest.whitening_other, Whitening.load)
+        if manifest.whitening_other is not None and other is None:
+            manifest.whitening_other = None
+            report.actions.append("dropped the damaged inactive whitening")
         refitted = whitening is None
+        if whitening is None and manifest.whitening_kind == "learned":
+            # A learned whitening cannot be derived again without mining: fall back to PCA.
+            report.actions.append(
+                "the learned whitening was lost: searches use the PCA whitening until "
+                f"`retr train whitening --index {paths.root}` runs again"
+            )
+            manifest.whitening_kind = "pca"
+            if other is not None:
+                whitening, manifest.whitening = other, manifest.whitening_other
+                manifest.whitening_other = None
         if whitening is None:
             raw = store.global_descriptors()
             whitening = (
@@ -554,26 +569,33 @@ def _rebuild_derived(
             whitening.save(paths.root / name)
             manifest.whitening = _entry(paths.root / name)
             report.actions.append(f"refitted the whitening on {len(live)} images ({name})")
-        vectors = _load_or_none(paths, manifest.vectors, VectorIndex.load)
-        if (
-            vectors is None
-            or refitted
-            or vectors.dim != whitening.dim
-            or not np.array_equal(vectors.ids(), live)
-        ):
-            raw = store.global_descriptors()
-            built = VectorIndex.build(
-                live,
-                whitening.apply(raw) if len(raw) else np.zeros((0, whitening.dim), np.float32),
-                config.index_type,
+        backend = vector_backend(paths.root, config.vector_store, config.index_type)
+        try:
+            sound = (
+                not refitted
+                and manifest.published
+                and _file_sound(paths, manifest.vectors)
+                and not backend.check(manifest, live, whitening.dim)
             )
-            name = f"vectors-{gen}.faiss"
-            built.save(paths.root / name)
-            manifest.vectors, manifest.vector_count = _entry(paths.root / name), len(built)
-            report.actions.append(f"rebuilt the vector index over {len(live)} images ({name})")
+            if not sound:
+                raw = store.global_descriptors()
+                vectors = (
+                    whitening.apply(raw) if len(raw) else np.zeros((0, whitening.dim), np.float32)
+                )
+                backend.rebuild(manifest, gen, live, vectors)
+                report.actions.append(
+                    f"rebuilt the vectors over {len(live)} images ({backend.where(manifest)})"
+                )
+        finally:
+            backend.close()
     finally:
         store.close()
     return manifest
+
+
+def _file_sound(paths: IndexPaths, entry: FileEntry | None) -> bool:
+    """Whether a recorded file is there as recorded (True when none is recorded)."""
+    return entry is None or _file_problem(paths.root / entry.name, entry, deep=True) is None
 
 
 def _load_or_none(
@@ -619,10 +641,14 @@ def index_info(index_dir: str | Path, db: str | None = None) -> dict[str, object
     shown = config.model_dump()
     if shown.get("db_url"):
         shown["db_url"] = mask_url(shown["db_url"])
+    if shown.get("vector_store"):
+        shown["vector_store"] = mask_store(shown["vector_store"])
     sizes = {"segments": sum(s.bytes for s in manifest.segments + manifest.pending)}
     for entry in (manifest.vectors, manifest.whitening, manifest.codec):
         if entry is not None:
             sizes[entry.name.split("-")[0]] = entry.bytes
+    if manifest.whitening_other is not None:
+        sizes["inactive whitening"] = manifest.whitening_other.bytes
     if paths.catalog.is_file():
         sizes["catalog"] = paths.catalog.stat().st_size
     return {
@@ -631,6 +657,7 @@ def index_info(index_dir: str | Path, db: str | None = None) -> dict[str, object
         "config": shown,
         "images": counts,
         "vectors": manifest.vector_count,
+        "collection": manifest.collection.name if manifest.collection else None,
         "segments": len(manifest.segments),
         "pending": sum(len(s.live_ids()) for s in manifest.pending),
         "bytes": sizes,

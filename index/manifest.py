@@ -16,6 +16,10 @@ The index's storage discipline (as Lucene and LevelDB do it):
   writer if a crash comes in between.
 - Files that no manifest names (a crash's leftovers, replaced segments) are deleted by the next
   writer, except those of the previous generation, which a reader may still be using.
+- The vectors live either in a FAISS file of the index directory (`vectors`) or in a collection
+  of an external engine (`collection`, Milvus), which is edited in place: `vector_intent` and
+  `vector_hidden` make those edits follow the manifest's generations
+  (index.vector_backends.milvus explains how).
 
 Ids are kept as sorted runs `[start, length]`, so a segment of consecutive ids costs a few bytes.
 """
@@ -81,6 +85,20 @@ class FileEntry(_Model):
     sha256: str
 
 
+class CollectionEntry(_Model):
+    """The vectors of an index in an external engine's collection (index.vector_backends)."""
+
+    name: str
+    """The collection's own name (not an alias)."""
+    dim: int
+    index_type: str
+    """The engine's index type (e.g. Milvus HNSW)."""
+
+
+COLLECTION_MARK = "collection:"
+"""Prefix of a collection in `Manifest.files()` (kept for readers, like files, for a generation)."""
+
+
 class SegmentEntry(FileEntry):
     encoding: str
     """How its local descriptors are stored (index.encoding)."""
@@ -105,8 +123,24 @@ class Manifest(_Model):
     pending_dead: Runs = []
     """Ids to drop from the published segments when the pending work is published."""
     whitening: FileEntry | None = None
+    """The whitening searches use (its kind: `whitening_kind`)."""
+    whitening_kind: str = "pca"
+    """"pca" (refitted on the corpus by every build) or "learned" (retr train whitening: kept by
+    builds, which refit only the PCA one, in `whitening_other`)."""
+    whitening_other: FileEntry | None = None
+    """The whitening of the other kind, kept so that `retr train whitening --use` switches back."""
     vectors: FileEntry | None = None
+    """The FAISS file of the vectors, or None when they live in `collection`."""
+    collection: CollectionEntry | None = None
+    """The external collection holding the vectors (Milvus), or None."""
     vector_count: int = 0
+    vector_hidden: Runs = []
+    """Ids removed by a committed operation whose vectors `collection` still holds: searches skip
+    them; the writer deletes them from the collection right after the commit (or, after a crash,
+    the next writer does)."""
+    vector_intent: Runs = []
+    """Ids whose vectors a publish is writing into `collection` before its commit; when the
+    commit never came, the next writer puts back what this generation holds for them."""
     codec: FileEntry | None = None
     """The product quantiser of a "pq" local store, once trained."""
     catalog_deletes: Runs = []
@@ -118,6 +152,9 @@ class Manifest(_Model):
     global_fingerprint: str = ""
     local_fingerprint: str = ""
     """The extractors every segment was written by (set by the first commit)."""
+    index_uid: str = ""
+    """This index's identity, recorded in its catalog too, so that two index directories never
+    share one catalog table (index.catalog); "" for indexes made before it existed."""
 
     # --- views ---------------------------------------------------------------------------------
 
@@ -142,12 +179,16 @@ class Manifest(_Model):
     def files(self) -> list[str]:
         """Names (relative to the index root) of every file this manifest references."""
         names = [f"segments/{s.name}" for s in self.segments + self.pending]
-        names += [e.name for e in (self.whitening, self.vectors, self.codec) if e is not None]
+        entries = (self.whitening, self.whitening_other, self.vectors, self.codec)
+        names += [e.name for e in entries if e is not None]
+        if self.collection is not None:
+            names.append(COLLECTION_MARK + self.collection.name)
         return names
 
     @property
     def published(self) -> bool:
-        return self.vectors is not None and self.whitening is not None
+        has_vectors = self.vectors is not None or self.collection is not None
+        return has_vectors and self.whitening is not None
 
     # --- persistence ---------------------------------------------------------------------------
 

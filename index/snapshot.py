@@ -1,7 +1,8 @@
 """A reader's view of an index: one published manifest generation, never blocked by writers.
 
-`IndexSnapshot.open` reads the manifest, the whitening and the vector index it names, and maps
-the segments lazily (index.store). Every file it reads is immutable, and segments are opened
+`IndexSnapshot.open` reads the manifest, the whitening and the vectors it names (a FAISS file,
+or a Milvus collection seen as of this generation: index.vector_backends), and maps the segments
+lazily (index.store). Every file it reads is immutable, and segments are opened
 with HDF5 file locking off, so any number of readers run beside the one writer. A reader stays
 on its generation until it asks for a newer one (`changed` / re-open), which the Retriever does
 between queries.
@@ -17,7 +18,7 @@ from features.core import IndexError_
 from index.layout import IndexConfig, IndexPaths, parse_config
 from index.manifest import Manifest
 from index.store import FeatureStore
-from index.vectors import VectorIndex
+from index.vector_backends import Vectors, vector_backend
 from index.whitening import Whitening
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class IndexSnapshot:
     config: IndexConfig
     manifest: Manifest
     store: FeatureStore
-    vectors: VectorIndex
+    vectors: Vectors
     whitening: Whitening
     stamp: Stamp | None
 
@@ -70,14 +71,15 @@ class IndexSnapshot:
             raise IndexError_(
                 f"{paths.manifest}: bad config copy ({exc}); {paths.repair_hint()}"
             ) from None
-        assert manifest.whitening is not None and manifest.vectors is not None
+        assert manifest.whitening is not None
         whitening = Whitening.load(paths.root / manifest.whitening.name)
-        vectors = VectorIndex.load(paths.root / manifest.vectors.name, config.index_type)
-        if len(vectors) != manifest.vector_count or vectors.dim != whitening.dim:
+        backend = vector_backend(paths.root, config.vector_store, config.index_type)
+        vectors = backend.open(manifest)
+        if vectors.dim != whitening.dim:
             raise IndexError_(
-                f"vector index {paths.root / manifest.vectors.name} holds {len(vectors)} vectors "
-                f"of {vectors.dim} dims, the manifest expects {manifest.vector_count} of "
-                f"{whitening.dim}; {paths.repair_hint()}"
+                f"{backend.where(manifest)} holds vectors of {vectors.dim} dims, the whitening "
+                f"{paths.root / manifest.whitening.name} makes {whitening.dim}; "
+                f"{paths.repair_hint()}"
             )
         fingerprints = (manifest.global_fingerprint, manifest.local_fingerprint)
         store = FeatureStore(paths.root, manifest, fingerprints if fingerprints[0] else None)

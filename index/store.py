@@ -11,6 +11,7 @@ segment whose fingerprints differ from the index's, so two configurations never 
 
 from __future__ import annotations
 
+import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -24,8 +25,19 @@ from index.encoding import ProductQuantizer
 from index.manifest import Manifest, SegmentEntry, unpack_ids
 from index.segments import SEGMENTS_DIR, SegmentReader
 
-MAX_OPEN = 256
-"""Segments kept open at once (each holds a file handle and a memory map)."""
+
+def _max_open() -> int:
+    """Segments kept open at once: each holds two file descriptors (the HDF5 file and its memory
+    map), and together they take at most half of the process's descriptor limit, between 64
+    and 4096 segments (1,024 descriptors, a common default, keep 256 open; a 1M-image store
+    after compaction has about 500 segments, so `ulimit -n 4096` keeps every one open)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(64, min(4096, soft // 4))
+
+
+MAX_OPEN = _max_open()
 
 
 class FeatureStore:
@@ -184,8 +196,11 @@ def _live_table(manifest: Manifest, pending: bool) -> tuple[np.ndarray, np.ndarr
         published = all_seg < len(manifest.segments)
         drop = published & np.isin(all_ids, unpack_ids(manifest.pending_dead))
         all_ids, all_seg = all_ids[~drop], all_seg[~drop]
-    # the last copy of each id wins: sort by (id, segment) and keep the last of each run
-    order = np.lexsort((all_seg, all_ids))
+    if len(all_ids) < 2 or bool(np.all(all_ids[1:] > all_ids[:-1])):
+        return all_ids, all_seg  # sorted and unique already (ids grow with segments)
+    # the last copy of each id wins: a stable sort by id keeps copies in segment order (the
+    # runs of each segment are sorted, which the stable sort exploits); keep each id's last
+    order = np.argsort(all_ids, kind="stable")
     all_ids, all_seg = all_ids[order], all_seg[order]
     last = np.append(all_ids[1:] != all_ids[:-1], True)
     return all_ids[last], all_seg[last]

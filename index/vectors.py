@@ -74,10 +74,15 @@ def choose_factory(n: int, dim: int) -> str:
     return ivfpq_factory(n, dim)
 
 
+def ivf_lists(n: int) -> int:
+    """Inverted lists for N vectors: ~4*sqrt(N), a power of two."""
+    return 1 << round(math.log2(4 * math.sqrt(max(n, 1))))
+
+
 def ivfpq_factory(n: int, dim: int) -> str:
     """OPQ rotation to at most 256 dims, ~4*sqrt(N) inverted lists (a power of two), and PQ
     codes of one byte per 4 dims."""
-    nlist = 1 << round(math.log2(4 * math.sqrt(max(n, 1))))
+    nlist = ivf_lists(n)
     out = min(dim, 256) // 16 * 16 or dim
     m = out // 4 if out % 4 == 0 else out
     return f"OPQ{m}_{out},IVF{nlist},PQ{m}"

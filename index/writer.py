@@ -16,19 +16,25 @@ Batch commit (build, add, update; `commit_batch`), for a batch of extracted imag
   rerun skips it (same path, same SHA-256). A kill costs at most one batch.
 
 Publish (end of build / add / update; `publish`):
-  1. whitening refitted on every live descriptor (a build) or kept (add, update), and a new
-     vector index: rebuilt (build) or the current one edited (add, update), each a new file;
+  1. whitening refitted on every live descriptor (a build) or kept (add, update), and the
+     vectors of the next generation: rebuilt (build) or the current ones edited (add, update),
+     through the index's vector backend (index.vector_backends: a new FAISS file, or a Milvus
+     collection, which an edit changes in place after recording `vector_intent`);
   2. manifest: the pending segments become searchable, in one commit with the new whitening and
-     vector files (the *commit point*: readers switch here);
-  3. catalog: pending rows whose features are now published turn `indexed`;
-  4. compaction merges small segments and rewrites mostly-dead ones (each merge one commit);
-  5. files that neither this generation nor the previous one names are deleted.
+     vectors (the *commit point*: readers switch here);
+  3. vectors: what follows the commit in the backend (Milvus: deleting hidden ids, the alias);
+  4. catalog: pending rows whose features are now published turn `indexed`;
+  5. compaction merges small segments and rewrites mostly-dead ones (each merge one commit);
+  6. files (and collections) that neither this generation nor the previous one names are
+     deleted.
   A kill before 2 leaves the previous generation searchable and the batches pending (the rerun
-  publishes them); after 2, the next writer finishes 3 (`_sync_catalog` at open) and 5.
+  publishes them; a Milvus edit's `vector_intent` is undone at open); after 2, the next writer
+  finishes 3, 4 (`_recover` at open) and 6.
 
-Remove (`remove`): one manifest commit marks the ids dead, saves a vector index without them
-and records the catalog rows to delete (`catalog_deletes`); then the rows are deleted and the
-record cleared. A kill after the commit is finished by the next writer at open.
+Remove (`remove`): one manifest commit marks the ids dead, stores vectors without them (a new
+FAISS file, or Milvus ids hidden until deleted) and records the catalog rows to delete
+(`catalog_deletes`); then the rows are deleted and the record cleared. A kill after the commit
+is finished by the next writer at open.
 
 The catalog is written only after the manifest commit that makes its new content true, or
 before one in a state (`pending`) that readers do not depend on: searches take their ids from
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import math
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -69,7 +76,7 @@ from index.segments import (
     write_segment,
 )
 from index.store import FeatureStore
-from index.vectors import VectorIndex
+from index.vector_backends import VectorBackend, vector_backend
 from index.whitening import Whitening
 
 logger = logging.getLogger(__name__)
@@ -130,6 +137,9 @@ class IndexWriter:
         self.fingerprints: tuple[str, str] | None = None
         self.global_dim = 0
         self._view: FeatureStore | None = None
+        self.vectors: VectorBackend = vector_backend(
+            paths.root, config.vector_store, config.index_type
+        )
 
     # --- opening -------------------------------------------------------------------------------
 
@@ -154,6 +164,7 @@ class IndexWriter:
                 create=not manifest.published and not manifest.pending,
                 hint=paths.repair_hint(),
             )
+            _bind_catalog(paths, manifest, catalog)
             writer = cls(paths, config, manifest, catalog, lock)
             writer._recover()
         except BaseException:
@@ -165,6 +176,7 @@ class IndexWriter:
         if self._view is not None:
             self._view.close()
             self._view = None
+        self.vectors.close()
         self.catalog.dispose()
         self.lock.release()
 
@@ -176,6 +188,13 @@ class IndexWriter:
 
     def set_config(self, config: IndexConfig) -> None:
         """Record a changed configuration (options a build may change, e.g. index_type)."""
+        if (config.vector_store, config.index_type) != (
+            self.config.vector_store,
+            self.config.index_type,
+        ):
+            backend = vector_backend(self.paths.root, config.vector_store, config.index_type)
+            self.vectors.close()
+            self.vectors = backend
         self.config = config
         self.manifest.config = config.model_dump()
         self._save(self.manifest)
@@ -244,8 +263,9 @@ class IndexWriter:
             )
             checkpoint("batch:segment")
             m.pending.append(entry)
-        view = self.view()
-        kill = [r.id for r in records if r.id is not None and r.id in view]
+        known = [r.id for r in records if r.id is not None]
+        view = self.view() if known else None  # the view costs O(live images) to build
+        kill = [i for i in known if view is not None and i in view]
         if kill:
             m.pending_dead = pack_ids(np.concatenate([unpack_ids(m.pending_dead), kill]))
         if extracted or kill:
@@ -286,22 +306,24 @@ class IndexWriter:
 
     # --- publishing ----------------------------------------------------------------------------
 
-    def publish(self, refit: bool = False, tombstone: bool | None = None) -> PublishReport:
+    def publish(
+        self, refit: bool = False, tombstone: bool | None = None, compact: bool = True
+    ) -> PublishReport:
         """Make the pending work searchable (module docstring). refit: a build's refit of the
         whitening and rebuild of the vector index; without it the current whitening is kept
         and the vector index edited (an add or update), unless there is none yet. tombstone:
-        how the vector index removes (index.vectors.VectorIndex.remove)."""
+        how the vector index removes (index.vectors.VectorIndex.remove). compact=False leaves
+        the merging of small segments to a later `compact()` (a bulk load that publishes
+        first)."""
         m = self.manifest
         report = PublishReport(refit=refit or not m.published)
         view = self.view()
         gen = m.generation + 1
         new = m.model_copy(deep=True)
         if report.refit:
-            vectors = self._rebuild_vectors(view, gen, new)
+            self._rebuild_vectors(view, gen, new)
         else:
-            vectors = self._edit_vectors(view, m, report, tombstone)
-        new.vectors = self._save_file(f"vectors-{gen}.faiss", vectors.save)
-        new.vector_count = len(vectors)
+            report.tombstones = self._edit_vectors(view, m, new, gen, tombstone)
         checkpoint("publish:vectors")
         if self.config.local_dtype.startswith("pq") and new.codec is None:
             new.codec = self._train_codec(view)
@@ -312,44 +334,115 @@ class IndexWriter:
         self._commit(new)
         checkpoint("publish:manifest")
         report.generation, report.images = gen, len(view)
+        self._finish_vectors()
         self._sync_catalog()
         checkpoint("publish:catalog")
-        report.merged = self.compact()
+        report.merged = self.compact() if compact else 0
         report.removed_files = self.collect_garbage()
         return report
 
-    def _rebuild_vectors(self, view: FeatureStore, gen: int, new: Manifest) -> VectorIndex:
-        """Refit the whitening on every live descriptor and build a new vector index."""
+    def _rebuild_vectors(self, view: FeatureStore, gen: int, new: Manifest) -> None:
+        """Refit the whitening on every live descriptor and build new vectors."""
         ids = view.ids()
         raw = view.global_descriptors() if len(ids) else np.zeros((0, self.global_dim), np.float32)
         whitening = Whitening.fit(raw, self.config.whitening_shrinkage, dim=None)
         if len(ids) < 2 and self.global_dim:
             whitening = Whitening.identity(raw.shape[1] or self.global_dim)
-        new.whitening = self._save_file(f"whitening-{gen}.npz", whitening.save)
+        entry = self._save_file(f"whitening-{gen}.npz", whitening.save)
+        if new.whitening_kind == "learned" and new.whitening is not None:
+            new.whitening_other = entry  # a learned whitening stays; the PCA refit is kept beside
+            whitening = Whitening.load(self.paths.root / new.whitening.name)
+        else:
+            new.whitening = entry
         checkpoint("publish:whitening")
         vectors = whitening.apply(raw) if len(raw) else np.zeros((0, whitening.dim), np.float32)
-        return VectorIndex.build(ids, vectors, self.config.index_type)
+        self.vectors.rebuild(new, gen, ids, vectors)
+
+    def set_whitening(self, use: str, learned: Whitening | None = None) -> PublishReport:
+        """Make `use` ("pca" or "learned") the whitening searches apply, storing `learned` first
+        when given, and re-project every vector with it, in one commit. The whitening of the
+        other kind stays in the manifest (`whitening_other`), so a later call switches back."""
+        m = self.manifest
+        if m.pending or not m.published:
+            raise IndexError_(
+                f"{self.paths.root} has unfinished work; run `retr index build` or "
+                "`retr index add` to finish it first"
+            )
+        gen = m.generation + 1
+        entries = {m.whitening_kind: m.whitening}
+        if m.whitening_other is not None:
+            entries["learned" if m.whitening_kind == "pca" else "pca"] = m.whitening_other
+        if learned is not None:
+            entries["learned"] = self._save_file(f"whitening-{gen}.npz", learned.save)
+        if entries.get(use) is None:
+            raise IndexError_(
+                f"{self.paths.root} has no {use} whitening; learn one with "
+                f"`retr train whitening --index {self.paths.root}`"
+            )
+        new = m.model_copy(deep=True)
+        new.whitening, new.whitening_kind = entries[use], use
+        new.whitening_other = entries.get("learned" if use == "pca" else "pca")
+        assert new.whitening is not None
+        whitening = Whitening.load(self.paths.root / new.whitening.name)
+        view = self.view()
+        ids = view.ids()
+        raw = view.global_descriptors() if len(ids) else np.zeros((0, self.global_dim), np.float32)
+        self.vectors.rebuild(new, gen, ids, whitening.apply(raw))
+        new.generation, new.previous_files = gen, m.files()
+        self._commit(new)
+        checkpoint("whitening:manifest")
+        self._finish_vectors()
+        return PublishReport(gen, len(ids), removed_files=self.collect_garbage())
 
     def _edit_vectors(
-        self, view: FeatureStore, m: Manifest, report: PublishReport, tombstone: bool | None
-    ) -> VectorIndex:
-        """The current vector index without the ids that changed or went, plus the new ones,
-        whitened with the current whitening."""
-        assert m.whitening is not None and m.vectors is not None
+        self, view: FeatureStore, m: Manifest, new: Manifest, gen: int, tombstone: bool | None
+    ) -> int:
+        """The current vectors without the ids that went, with the pending ones (new or
+        changed) whitened with the current whitening; returns the tombstones added. A backend
+        that edits in place gets the ids it will write recorded first (`vector_intent`)."""
+        assert m.whitening is not None
         whitening = Whitening.load(self.paths.root / m.whitening.name)
-        vectors = VectorIndex.load(self.paths.root / m.vectors.name, self.config.index_type)
         published = len(m.segments)
         fresh = np.concatenate(
             [np.zeros(0, np.int64)]
             + [view.served_by(k) for k in range(published, published + len(m.pending))]
         )
-        gone = np.union1d(unpack_ids(m.pending_dead), fresh)
-        before = vectors.tombstones
-        vectors.remove(gone[np.isin(gone, vectors.ids())], tombstone)
-        report.tombstones = vectors.tombstones - before
-        if len(fresh):
-            vectors.add(fresh, whitening.apply(view.global_descriptors(fresh)))
-        return vectors
+        vectors = (
+            whitening.apply(view.global_descriptors(fresh))
+            if len(fresh)
+            else np.zeros((0, whitening.dim), np.float32)
+        )
+        if self.vectors.in_place and len(fresh):
+            m.vector_intent = pack_ids(fresh)
+            self._save(m)
+            checkpoint("publish:intent")
+        gone = unpack_ids(m.pending_dead)
+        return self.vectors.edit(m, new, gen, gone, (fresh, vectors), tombstone)
+
+    def _finish_vectors(self) -> None:
+        """The vector backend's work after a commit (index.vector_backends.VectorBackend.finish).
+        A failure here is only logged: the commit stands, readers skip what is left, and the
+        next writer finishes it."""
+        try:
+            finished = self.vectors.finish(self.manifest)
+        except IndexError_ as exc:
+            logger.warning("%s", exc)
+            return
+        if finished:
+            checkpoint("finish:vectors")
+            self._save(self.manifest)
+
+    def _published_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of `ids` that the committed generation holds, their whitened vectors)."""
+        m = self.manifest
+        assert m.whitening is not None
+        whitening = Whitening.load(self.paths.root / m.whitening.name)
+        with FeatureStore(self.paths.root, m) as store:
+            held = ids[np.isin(ids, store.ids())]
+            raw = store.global_descriptors(held) if len(held) else None
+        if raw is None:
+            return held, np.zeros((0, whitening.dim), np.float32)
+        return held, whitening.apply(raw)
 
     def _train_codec(self, view: FeatureStore) -> FileEntry | None:
         """Train the product quantiser of a "pq" store once the corpus has enough descriptors
@@ -400,16 +493,16 @@ class IndexWriter:
             checkpoint("sync:deleted")
             m.catalog_deletes = []
             self._save(m)
-        pending = self.catalog.with_status(Status.PENDING)
+        pending = self.catalog.pending_hashes()
         if not pending:
             return
         published = FeatureStore(self.paths.root, m)
         try:
-            live = [r for r in pending if r.id in published]
-            sha = published.sha256([r.id for r in live])
+            live = [i for i in pending if i in published]
+            sha = published.sha256(live)
         finally:
             published.close()
-        done = [r.id for r in live if sha.get(r.id) == r.sha256]
+        done = [i for i in live if sha.get(i) == pending[i]]
         if done:
             self.catalog.set_status(done, Status.INDEXED)
 
@@ -431,14 +524,8 @@ class IndexWriter:
         new.pending_dead = pack_ids(np.setdiff1d(unpack_ids(m.pending_dead), ids_arr))
         new.catalog_deletes = pack_ids(np.union1d(unpack_ids(m.catalog_deletes), ids_arr))
         if m.published:
-            assert m.vectors is not None
-            vectors = VectorIndex.load(self.paths.root / m.vectors.name, self.config.index_type)
-            before = vectors.tombstones
-            vectors.remove(ids_arr[np.isin(ids_arr, vectors.ids())], tombstone)
-            report.tombstones = vectors.tombstones - before
             gen = m.generation + 1
-            new.vectors = self._save_file(f"vectors-{gen}.faiss", vectors.save)
-            new.vector_count = len(vectors)
+            report.tombstones = self.vectors.remove(m, new, gen, ids_arr, tombstone)
             new.generation, new.previous_files = gen, m.files()
             report.generation = gen
         new.segments = [s for s in new.segments if len(s.live_ids())]
@@ -446,6 +533,7 @@ class IndexWriter:
         checkpoint("remove:vectors")
         self._commit(new)
         checkpoint("remove:manifest")
+        self._finish_vectors()
         self._sync_catalog()
         report.merged = self.compact()
         report.removed_files = self.collect_garbage()
@@ -528,10 +616,15 @@ class IndexWriter:
     # --- garbage -------------------------------------------------------------------------------
 
     def collect_garbage(self) -> list[str]:
-        """Delete index files that neither this generation nor the previous one names, and
-        temporary files of killed writers. Returns the deleted names."""
+        """Delete index files (and the vector backend's stored generations) that neither this
+        generation nor the previous one names, and temporary files of killed writers. Returns
+        the deleted names."""
         keep = set(self.manifest.files()) | set(self.manifest.previous_files)
-        removed = []
+        try:
+            removed = self.vectors.collect_garbage(keep)
+        except IndexError_ as exc:  # the next writer drops them
+            logger.warning("%s", exc)
+            removed = []
         candidates = [p for p in self.paths.root.iterdir() if p.is_file()]
         if self.paths.segments.is_dir():
             candidates += [p for p in self.paths.segments.iterdir() if p.is_file()]
@@ -545,8 +638,13 @@ class IndexWriter:
     # --- recovery ------------------------------------------------------------------------------
 
     def _recover(self) -> None:
-        """Finish what a killed writer left: catalog steps after a committed manifest, and
-        files no manifest names."""
+        """Finish what a killed writer left: vector and catalog steps after a committed
+        manifest, vectors written ahead of a commit that never came, and files no manifest
+        names."""
+        self._finish_vectors()
+        if self.vectors.recover(self.manifest, self._published_vectors):
+            checkpoint("recover:vectors")
+            self._save(self.manifest)
         self._sync_catalog()
         removed = self.collect_garbage()
         if removed:
@@ -562,7 +660,7 @@ def _load_or_create(paths: IndexPaths, config: IndexConfig | None) -> tuple[Mani
         if config is None:
             paths.read_config()  # raises "not a retr index"
             raise IndexError_(f"{paths.manifest} is missing; {paths.repair_hint()}")
-        manifest = Manifest(config=config.model_dump())
+        manifest = Manifest(config=config.model_dump(), index_uid=uuid.uuid4().hex)
         paths.root.mkdir(parents=True, exist_ok=True)
         manifest.save(paths.root)
         paths.write_config(config)
@@ -575,6 +673,15 @@ def _load_or_create(paths: IndexPaths, config: IndexConfig | None) -> tuple[Mani
     if not paths.config.is_file() or _read_config_quietly(paths) != stored:
         paths.write_config(stored)  # the manifest is the commit point
     return manifest, stored
+
+
+def _bind_catalog(paths: IndexPaths, manifest: Manifest, catalog: Catalog) -> None:
+    """The catalog belongs to this index (index.catalog: Catalog.bind). An index without an id
+    (made before ids, or a manifest rebuilt by repair) takes its catalog's, or a new one."""
+    if not manifest.index_uid:
+        manifest.index_uid = catalog.owner() or uuid.uuid4().hex
+        manifest.save(paths.root)
+    catalog.bind(manifest.index_uid, paths.root)
 
 
 def _read_config_quietly(paths: IndexPaths) -> IndexConfig | None:

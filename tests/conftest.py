@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,3 +28,36 @@ def fixture_dir(method: str) -> Path:
 def shared() -> Path:
     assert SHARED.is_dir(), f"{SHARED} is missing: tests read data from ../shared"
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def served_index(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny index the service tests share (tests/serving.py); read-only."""
+    from tests.serving import build_served
+
+    return build_served(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """A PostgreSQL server on a loopback port for the whole session (tests/postgres.py);
+    skipped only when PostgreSQL's server programs are not installed."""
+    from tests.postgres import PostgresServer, server_binaries
+
+    bindir = server_binaries()
+    if bindir is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer(bindir)
+    server.init()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request: pytest.FixtureRequest) -> str | None:
+    """The catalog of a test index: None (SQLite inside the index directory) or the URL of a
+    fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("postgres").create_database())

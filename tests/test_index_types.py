@@ -1,5 +1,7 @@
-"""FAISS index types against brute force: exact Flat, HNSW, OPQ + IVF-PQ, the "auto" choice,
-native removal and the tombstone fallback."""
+"""Vector index types against brute force: FAISS's exact Flat, HNSW, OPQ + IVF-PQ, the "auto"
+choice, native removal and the tombstone fallback; and the search layer of both vector backends
+(FAISS files, Milvus Lite) through the writer's contract: exact top-k, ids, add / replace /
+remove consistency across generations, Milvus's own index types."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import pytest
 
 from features.core import ConfigError, IndexError_
 from index.layout import IndexConfig
+from index.vector_backends.milvus import choose_index_type, index_params
 from index.vectors import FLAT_BELOW, HNSW_BELOW, VectorIndex, choose_factory
+from tests.vector_stores import BACKENDS, StoredVectors
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -160,3 +164,93 @@ def test_search_widens_past_many_tombstones(data) -> None:
     scores, got = index.search(q[:4], 10)
     assert np.array_equal(got, _truth(ids[keep], x[keep], q[:4], 10))
     assert np.isfinite(scores).all()
+
+
+# --- both backends, through the writer's contract ---------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def stored(request: pytest.FixtureRequest, tmp_path: Path):
+    vectors = StoredVectors(request.param, tmp_path)
+    yield vectors
+    vectors.close()
+
+
+def test_exact_search_matches_brute_force_with_catalog_ids(stored: StoredVectors, data) -> None:
+    ids, x, q = data
+    index = stored.build(ids, x)
+    scores, got = index.search(q, 10)
+    assert np.array_equal(got, _truth(ids, x, q, 10))
+    np.testing.assert_allclose(scores, -np.sort(-(q @ x.T), axis=1)[:, :10], atol=1e-5)
+    assert len(index) == len(ids) and index.dim == x.shape[1]
+    assert np.array_equal(index.ids(), np.sort(ids))
+    assert np.array_equal(stored.reopen().search(q, 10)[1], got)  # as a reader opens it
+
+
+def test_add_replace_remove_stay_consistent(stored: StoredVectors, data) -> None:
+    ids, x, q = data
+    stored.build(ids, x)
+    gone = np.unique(_truth(ids, x, q[:5], 2).ravel())  # the best two of five queries
+    new_ids = np.array([10**9 + 1, 10**9 + 2], np.int64)
+    replaced = ids[100]
+    fresh_ids = np.append(new_ids, replaced)
+    fresh_x = np.stack([q[5], q[6], q[7]])  # each the exact answer to its query
+    index = stored.edit(fresh_ids, fresh_x, gone=gone)
+    keep = ~np.isin(ids, np.append(gone, replaced))
+    want_ids = np.concatenate([ids[keep], fresh_ids])
+    want_x = np.concatenate([x[keep], fresh_x])
+    assert len(index) == len(want_ids) and np.array_equal(index.ids(), np.sort(want_ids))
+    scores, got = index.search(q, 10)
+    assert np.array_equal(got, _truth(want_ids, want_x, q, 10))
+    assert got[5, 0] == new_ids[0] and got[7, 0] == replaced
+    assert scores[7, 0] == pytest.approx(1.0, abs=1e-5)
+    index = stored.remove(new_ids)
+    left = ~np.isin(want_ids, new_ids)
+    assert np.array_equal(index.search(q, 10)[1], _truth(want_ids[left], want_x[left], q, 10))
+    assert np.array_equal(stored.reopen().ids(), np.sort(want_ids[left]))
+
+
+def test_search_beyond_the_live_count_and_empty(stored: StoredVectors, data) -> None:
+    ids, x, q = data
+    index = stored.build(ids[:5], x[:5])
+    index = stored.remove(ids[:2])
+    scores, got = index.search(q[:2], 10)
+    assert got.shape == (2, 3) and set(got.ravel()) == set(ids[2:5])
+    assert np.isfinite(scores).all()
+    empty = stored.build(np.zeros(0, np.int64), np.zeros((0, x.shape[1]), np.float32))
+    assert empty.search(q[:2], 5)[1].shape == (2, 0) and len(empty) == 0
+
+
+def test_milvus_auto_chooses_by_corpus_size() -> None:
+    assert choose_index_type(FLAT_BELOW - 1, lite=False) == "FLAT"
+    assert choose_index_type(FLAT_BELOW, lite=False) == "HNSW"
+    assert choose_index_type(HNSW_BELOW, lite=False) == "IVF_PQ"
+    assert choose_index_type(HNSW_BELOW, lite=True) == "IVF_SQ8"  # Milvus Lite has no IVF_PQ
+    assert index_params("IVF_PQ", HNSW_BELOW, 1280) == {"nlist": 4096, "m": 64, "nbits": 8}
+    assert index_params("HNSW", 10, 64)["M"] == 32
+
+
+@pytest.mark.parametrize(
+    ("index_type", "min_recall"), [("HNSW", 0.95), ("IVF_FLAT", 0.6), ("IVF_SQ8", 0.6)]
+)
+def test_milvus_index_types_against_brute_force(
+    tmp_path: Path, data, index_type: str, min_recall: float
+) -> None:
+    ids, x, q = data
+    stored = StoredVectors("milvus", tmp_path, index_type)
+    try:
+        index = stored.build(ids, x)
+        assert index.factory == index_type
+        scores, got = index.search(q, 10)
+        assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+        assert _recall(got, _truth(ids, x, q, 10)) >= min_recall
+        assert np.array_equal(index.ids(), np.sort(ids))
+    finally:
+        stored.close()
+
+
+def test_milvus_refuses_index_types_it_does_not_offer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="IVF_PQ.*valid: auto, FLAT, HNSW"):
+        StoredVectors("milvus", tmp_path, "IVF_PQ")  # not in Milvus Lite
+    with pytest.raises(ConfigError, match="'HNSW32' is not one"):
+        StoredVectors("milvus", tmp_path, "HNSW32")  # a FAISS factory string

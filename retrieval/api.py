@@ -23,7 +23,7 @@ from typing import Any
 
 from features.core import IndexError_, StoreMismatchError, parse_conf
 from features.image import ImageInput
-from features.pipeline import Extractors
+from features.pipeline import Described, Extractors
 from features.types import LocalFeatures
 from index.catalog import Catalog, mask_url
 from index.layout import IndexConfig, IndexPaths
@@ -133,15 +133,16 @@ class Retriever:
 
     def search(
         self,
-        image: ImageInput,
+        image: ImageInput | Described,
         conf: SearchConf | None = None,
         *,
         exclude: Collection[str] = (),
         **options: Any,
     ) -> SearchResult:
-        """The best matches of `image`, the landmark it shows and timings. `options` are
-        SearchConf fields (k, rerank, shortlist, vote_top, rerank_conf) over `conf`; `exclude`:
-        catalog paths left out of the results and the vote."""
+        """The best matches of `image` (or of its features from `self.extractors.describe`),
+        the landmark it shows and timings. `options` are SearchConf fields (k, rerank,
+        shortlist, vote_top, rerank_conf, matcher, qe, dba...) over `conf`, e.g.
+        `matcher="lightglue"`; `exclude`: catalog paths left out of the results and the vote."""
         conf = _search_conf(conf, options)
         args = (self.catalog, self.extractors, image, conf, self.device, exclude)
         try:

@@ -1,11 +1,19 @@
 """Shortlist reranking: match local features against each candidate, verify, sort by inliers.
 
-`rerank` loads the shortlist's features in one call, then matches the query against chunks of
-candidates with one matrix product each (retrieval.matching.mutual_nn_many; on the GPU when a
-CUDA device is given) and verifies their pairs, chunks spread over a thread pool.
-Its result is exactly that of `rerank_sequential`, the one-pair-at-a-time loop it replaced (kept
-as the reference for tests and benchmarks): the matches are the same, and RANSAC is seeded per
-pair, so neither chunking nor the number of threads changes an inlier count.
+`rerank` loads the shortlist's features in one call and runs the plan its `matcher` names
+(retrieval.matchers.registry): one matcher over the whole shortlist, or the two-stage
+"mnn+lightglue", where LightGlue re-scores the best `lightglue_top` candidates of the mutual-NN
+stage. Each matcher has its own verification rule (RANSAC settings, fewest inliers; LightGlue
+also its match-confidence filter), chosen on positive and negative pairs
+(scripts/bench_verification.py, docs/results.md).
+
+Mutual NN matches chunks of candidates with one matrix product each (on the GPU when a CUDA
+device is given) and verifies their pairs, chunks spread over a thread pool; LightGlue runs
+batches of candidates through one forward pass each with all of torch's threads, then verifies
+on the pool. The result is exactly that of `rerank_sequential`, the one-pair-at-a-time loop
+(kept as the reference for tests and benchmarks) for mutual NN: the matches are the same, and
+RANSAC is seeded per pair, so neither chunking nor the number of threads changes an inlier
+count; for LightGlue, batching changes float rounding only (tests/test_matchers.py).
 """
 
 from __future__ import annotations
@@ -25,21 +33,60 @@ from pydantic import Field
 
 from features.core import StrictConf, pick_device
 from features.types import LocalFeatures
-from retrieval.matching import CHUNK_COLUMNS, CHUNK_COLUMNS_GPU, chunks, mutual_nn, mutual_nn_many
+from retrieval.matchers import Matcher, Matches, load_matcher, stages
+from retrieval.matchers.lightglue import LightGlueConf
+from retrieval.matchers.mnn import MNNConf
 from retrieval.verification import RansacConf, Verification, default_workers, verify
+
+LIGHTGLUE_KEYPOINTS = 512
+"""Keypoints per image in the LightGlue stage. Measured CPU cost per pair (one thread, adaptive
+depth): 93 ms at 256, about 200 ms at 512, 520-750 ms at 1024 (docs/results.md)."""
+LIGHTGLUE_TOP = 4
+"""Two-stage plan: candidates LightGlue re-scores. Measured on the 2-core CPU: each LightGlue
+pair adds about 260 ms of CPU to a 2.4 s mutual-NN query, so M = 4 keeps the end-to-end latency
+within 1.5x mutual NN's (1.33x), and it ranked best of M = 3, 4, 5 (docs/results.md)."""
 
 
 class RerankConf(StrictConf):
     """How shortlisted candidates are matched and verified."""
 
     min_inliers: int = Field(default=12, ge=1)
-    """Fewest RANSAC inliers for a candidate to count as verified."""
+    """Fewest RANSAC inliers of mutual-NN matches for a candidate to count as verified. Kept
+    as published (homography, 8 px, 12): 0.1% false positives on the pair set of
+    scripts/bench_verification.py, true positives 54%; a fundamental matrix with >= 38
+    inliers would verify 65% at 0.7%, left as an option so that `mnn` keeps its results."""
     ratio: float | None = Field(default=None, gt=0)
     """Lowe ratio test on top of mutual nearest neighbours (None: off)."""
     ransac: RansacConf = RansacConf()
+    """RANSAC on mutual-NN matches."""
     workers: int | None = Field(default=None, ge=1)
     """Threads matching and verifying chunks of candidates (None: one per CPU core); results do
     not depend on it."""
+    lightglue: LightGlueConf = LightGlueConf(
+        max_keypoints=LIGHTGLUE_KEYPOINTS, filter_threshold=0.7
+    )
+    """LightGlue's network settings and its match-confidence filter. The rule (filter 0.7,
+    fundamental matrix at 4 px, >= 13 inliers) is the one with the highest true-positive rate
+    at <= 1% false positives on 668 positive and 668 negative pairs of ../shared/data
+    (scripts/bench_verification.py, docs/results.md): a lower filter lets unrelated pairs
+    reach up to 85 inliers, and a homography loses the wide-baseline pairs whose scene is not
+    a plane."""
+    lightglue_min_inliers: int = Field(default=13, ge=1)
+    """Fewest RANSAC inliers of LightGlue's matches for a candidate to count as verified."""
+    lightglue_ransac: RansacConf = RansacConf(model="fundamental", threshold=4.0)
+    """RANSAC on LightGlue's matches."""
+    lightglue_top: int = Field(default=LIGHTGLUE_TOP, ge=1)
+    """Two-stage plan ("mnn+lightglue"): candidates LightGlue re-scores, the best of the
+    mutual-NN stage."""
+
+    def rule(self, matcher: str) -> tuple[RansacConf, int]:
+        """(RANSAC settings, fewest inliers) that verify `matcher`'s matches."""
+        if matcher == "lightglue":
+            return self.lightglue_ransac, self.lightglue_min_inliers
+        return self.ransac, self.min_inliers
+
+    def matcher_conf(self, matcher: str) -> StrictConf:
+        return self.lightglue if matcher == "lightglue" else MNNConf(ratio=self.ratio)
 
 
 @dataclass(frozen=True)
@@ -48,6 +95,8 @@ class Candidate:
     global_score: float
     inliers: int = 0
     verified: bool = False
+    matcher: str = ""
+    """The matcher whose inliers these are ("" = not reranked)."""
 
 
 @dataclass
@@ -68,20 +117,60 @@ def rerank(
     timings: Timings | None = None,
     *,
     device: Any = None,
+    matcher: str = "mnn",
+    local_method: str = "disk",
 ) -> list[Candidate]:
     """Verified candidates first (most inliers, then best global score), then the others in
     their global order. `load_many(ids)` reads the candidates' features in one call; `device`
-    runs the matching there (None: CPU)."""
+    runs the matching there (None: CPU when no GPU); `matcher`: a resolved plan
+    (retrieval.matchers.resolve_plan) for features of `local_method`."""
     timings = timings if timings is not None else Timings()
     t0 = time.perf_counter()
-    feats = list(load_many([c.id for c in candidates]))
+    feats = dict(
+        zip((c.id for c in candidates), load_many([c.id for c in candidates]), strict=True)
+    )
     timings.add("load", time.perf_counter() - t0)
-    inliers = count_inliers(query, feats, conf, device, timings)
-    scored = [
-        Candidate(c.id, c.global_score, n, n >= conf.min_inliers)
-        for c, n in zip(candidates, inliers, strict=True)
+
+    def score(name: str, cands: list[Candidate]) -> list[Candidate]:
+        found = count_inliers(
+            query, [feats[c.id] for c in cands], conf, device, timings, name, local_method
+        )
+        return _scored(cands, found, conf, name)
+
+    return run_plan(candidates, score, conf, matcher)
+
+
+def run_plan(
+    candidates: list[Candidate],
+    score: Callable[[str, list[Candidate]], list[Candidate]],
+    conf: RerankConf,
+    plan: str,
+) -> list[Candidate]:
+    """The stages of `plan` over the candidates; `score(matcher, cands)` verifies them.
+
+    Two stages: the second matcher re-scores the best `lightglue_top` of the first, and its
+    verdict wins there; the order is then its verified candidates, the first stage's verified
+    ones below the top, and every unverified candidate in global order.
+    """
+    first, *later = stages(plan)
+    ordered = order_candidates(score(first, candidates))
+    if not later:
+        return ordered
+    top, rest = ordered[: conf.lightglue_top], ordered[conf.lightglue_top :]
+    rescored = order_candidates(score(later[0], top))
+    unverified = [c for c in rescored + rest if not c.verified]
+    unverified.sort(key=lambda c: -c.global_score)
+    return [c for c in rescored if c.verified] + [c for c in rest if c.verified] + unverified
+
+
+def _scored(
+    cands: list[Candidate], inliers: list[int], conf: RerankConf, matcher: str
+) -> list[Candidate]:
+    least = conf.rule(matcher)[1]
+    return [
+        Candidate(c.id, c.global_score, n, n >= least, matcher)
+        for c, n in zip(cands, inliers, strict=True)
     ]
-    return order_candidates(scored)
 
 
 def count_inliers(
@@ -90,42 +179,82 @@ def count_inliers(
     conf: RerankConf,
     device: Any = None,
     timings: Timings | None = None,
+    matcher: str = "mnn",
+    local_method: str = "disk",
 ) -> list[int]:
-    """RANSAC inliers of the query against each candidate, in order.
-
-    Chunks of candidates run on a thread pool (torch, numpy and OpenCV release the GIL): each
-    task matches its chunk with one matrix product, then verifies its pairs.
-    """
+    """RANSAC inliers of the query against each candidate with `matcher`, in order."""
+    if not feats:
+        return []
     dev = pick_device(device)
-    on_gpu = dev.type == "cuda"
-    parts = chunks([len(f) for f in feats], CHUNK_COLUMNS_GPU if on_gpu else CHUNK_COLUMNS)
-    workers = conf.workers or default_workers()
+    m = load_matcher(matcher, conf.matcher_conf(matcher), local_method, dev)
+    run = _chunked if m.parallel_batches else _batched
+    timings = timings if timings is not None else Timings()
+    return run(query, feats, m, conf.rule(matcher)[0], conf.workers or default_workers(), timings)
+
+
+def _chunked(
+    query: LocalFeatures,
+    feats: Sequence[LocalFeatures],
+    matcher: Matcher,
+    ransac: RansacConf,
+    workers: int,
+    timings: Timings,
+) -> list[int]:
+    """Cheap matchers (mutual NN): chunks of candidates run on a thread pool (torch, numpy and
+    OpenCV release the GIL), each task matching its chunk with one matrix product, then
+    verifying its pairs."""
+    on_gpu = matcher.device.type == "cuda"
     # A GPU takes one product at a time.
     gate: AbstractContextManager[Any] = threading.Semaphore(1) if on_gpu else nullcontext()
 
     def run(rows: range) -> tuple[list[int], float, float]:
         with gate:
             t0 = time.perf_counter()
-            matches = mutual_nn_many(
-                query.descriptors, [feats[i].descriptors for i in rows], conf.ratio, dev
-            )
+            found = matcher.match_many(query, [feats[i] for i in rows])
             t1 = time.perf_counter()
         inliers = [
-            verify(query.keypoints[m[:, 0]], feats[i].keypoints[m[:, 1]], conf.ransac).inliers
-            for i, m in zip(rows, matches, strict=True)
+            _verify(query, feats[i], f, ransac).inliers for i, f in zip(rows, found, strict=True)
         ]
         return inliers, t1 - t0, time.perf_counter() - t1
 
     start = time.perf_counter()
     with worker_pool(workers, on_gpu) as pool:
-        done = list(pool.map(run, parts))
-    if timings is not None:  # stages overlap: split the wall time as the threads spent it
-        wall = time.perf_counter() - start
-        matching, ransac = sum(d[1] for d in done), sum(d[2] for d in done)
-        share = matching / max(matching + ransac, 1e-12)
-        timings.add("matching", wall * share)
-        timings.add("ransac", wall * (1 - share))
+        done = list(pool.map(run, matcher.batches([len(f) for f in feats])))
+    # stages overlap: split the wall time as the threads spent it
+    wall = time.perf_counter() - start
+    matching, verifying = sum(d[1] for d in done), sum(d[2] for d in done)
+    share = matching / max(matching + verifying, 1e-12)
+    timings.add("matching", wall * share)
+    timings.add("ransac", wall * (1 - share))
     return [n for d in done for n in d[0]]
+
+
+def _batched(
+    query: LocalFeatures,
+    feats: Sequence[LocalFeatures],
+    matcher: Matcher,
+    ransac: RansacConf,
+    workers: int,
+    timings: Timings,
+) -> list[int]:
+    """Network matchers (LightGlue): their batches run one after the other with all of torch's
+    threads, then the pool verifies every pair."""
+    t0 = time.perf_counter()
+    found = matcher.match_many(query, feats)
+    t1 = time.perf_counter()
+    with worker_pool(workers, matcher.device.type == "cuda") as pool:
+        pairs = zip(feats, found, strict=True)
+        inliers = list(pool.map(lambda p: _verify(query, p[0], p[1], ransac).inliers, pairs))
+    timings.add(matcher.name, t1 - t0)
+    timings.add("ransac", time.perf_counter() - t1)
+    return inliers
+
+
+def _verify(
+    query: LocalFeatures, cand: LocalFeatures, matches: Matches, ransac: RansacConf
+) -> Verification:
+    pairs = matches.pairs
+    return verify(query.keypoints[pairs[:, 0]], cand.keypoints[pairs[:, 1]], ransac)
 
 
 def worker_pool(workers: int, on_gpu: bool = False) -> ThreadPoolExecutor:
@@ -142,21 +271,40 @@ def worker_pool(workers: int, on_gpu: bool = False) -> ThreadPoolExecutor:
 @dataclass(frozen=True)
 class PairMatch:
     """How one query-candidate pair matched: `matches` (K, 2) index pairs (query row, candidate
-    row), and the verification, whose `mask` (K,) marks the inliers."""
+    row) and their `confidence` (K,), the verification, whose `mask` (K,) marks the inliers,
+    and the `matcher` that matched them."""
 
     matches: np.ndarray
     verification: Verification
+    confidence: np.ndarray | None = None
+    matcher: str = "mnn"
+    min_inliers: int = 1
+    """The matcher's rule: fewest inliers of a verified pair."""
 
     @property
     def inliers(self) -> int:
         return self.verification.inliers
 
+    @property
+    def verified(self) -> bool:
+        return self.verification.inliers >= self.min_inliers
 
-def verify_pair(query: LocalFeatures, candidate: LocalFeatures, conf: RerankConf) -> PairMatch:
-    """Match and verify one pair exactly as the rerank does (what a match picture draws)."""
-    matches = mutual_nn(query.descriptors, candidate.descriptors, conf.ratio)
-    result = verify(query.keypoints[matches[:, 0]], candidate.keypoints[matches[:, 1]], conf.ransac)
-    return PairMatch(matches, result)
+
+def verify_pair(
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    conf: RerankConf,
+    matcher: str = "mnn",
+    local_method: str = "disk",
+    device: Any = None,
+) -> PairMatch:
+    """Match and verify one pair exactly as the rerank does with `matcher` (a match picture
+    draws this: pass `Match.matcher`, the matcher that scored the result)."""
+    m = load_matcher(matcher, conf.matcher_conf(matcher), local_method, device)
+    found = m.match(query, candidate)
+    ransac, least = conf.rule(matcher)
+    result = _verify(query, candidate, found, ransac)
+    return PairMatch(found.pairs, result, found.confidence, matcher, least)
 
 
 def rerank_sequential(
@@ -165,20 +313,27 @@ def rerank_sequential(
     load: Callable[[int], LocalFeatures],
     conf: RerankConf,
     timings: Timings | None = None,
+    *,
+    matcher: str = "mnn",
+    local_method: str = "disk",
+    device: Any = None,
 ) -> list[Candidate]:
     """The reference: load, match and verify one candidate after the other."""
     timings = timings if timings is not None else Timings()
-    scored = []
-    for cand in candidates:
-        t0 = time.perf_counter()
-        feats = load(cand.id)
-        t1 = time.perf_counter()
-        pair = verify_pair(query, feats, conf)
-        timings.add("load", t1 - t0)
-        timings.add("match+verify", time.perf_counter() - t1)
-        ok = pair.inliers >= conf.min_inliers
-        scored.append(Candidate(cand.id, cand.global_score, pair.inliers, ok))
-    return order_candidates(scored)
+
+    def score(name: str, cands: list[Candidate]) -> list[Candidate]:
+        found = []
+        for cand in cands:
+            t0 = time.perf_counter()
+            feats = load(cand.id)
+            t1 = time.perf_counter()
+            pair = verify_pair(query, feats, conf, name, local_method, device)
+            timings.add("load", t1 - t0)
+            timings.add("match+verify", time.perf_counter() - t1)
+            found.append(pair.inliers)
+        return _scored(cands, found, conf, name)
+
+    return run_plan(candidates, score, conf, matcher)
 
 
 def order_candidates(cands: list[Candidate]) -> list[Candidate]:

@@ -14,14 +14,17 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field
+import numpy as np
+from pydantic import Field, field_validator
 
 from features.core import StrictConf
 from features.image import ImageInput
-from features.pipeline import Extractors
+from features.pipeline import Described, Extractors
 from features.types import LocalFeatures
 from index.catalog import Catalog
 from index.snapshot import IndexSnapshot
+from retrieval.expansion import ExcludedFn, Expansion, Refiner
+from retrieval.matchers import check_plan, resolve_plan
 from retrieval.recognition import vote
 from retrieval.rerank import Candidate, RerankConf, Timings, rerank
 
@@ -40,6 +43,21 @@ class SearchConf(StrictConf):
     """Results the landmark vote looks at, whatever k is (so -k 3 names the same landmark)."""
     rerank_conf: RerankConf = RerankConf()
     """Matching and verification of the reranked candidates."""
+    matcher: str | None = None
+    """Matcher of the rerank: auto, mnn, lightglue or mnn+lightglue (None: the index's)."""
+    qe: int = Field(default=0, ge=0)
+    """αQE: expand the query with its best n database neighbours and search again (0: off)."""
+    qe_alpha: float = Field(default=3.0, ge=0)
+    """αQE weight exponent."""
+    dba: int = Field(default=0, ge=0)
+    """DBA: rank by database descriptors averaged with their n nearest neighbours (0: off)."""
+    dba_alpha: float = Field(default=3.0, ge=0)
+    """DBA weight exponent."""
+
+    @field_validator("matcher")
+    @classmethod
+    def _known_matcher(cls, value: str | None) -> str | None:
+        return None if value is None else check_plan(value)
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,8 @@ class Match:
     global_score: float
     inliers: int
     verified: bool
+    matcher: str = ""
+    """The matcher whose inliers rank this result ("" = global ranking only)."""
 
 
 @dataclass(frozen=True)
@@ -74,33 +94,43 @@ class SearchResult:
     """The index generation (index.manifest) the search ran on."""
     query: LocalFeatures | None = field(default=None, repr=False, compare=False)
     """The query's local features (when reranked): what match pictures are drawn from."""
+    matcher: str = ""
+    """The rerank plan the search ran ("" = global ranking only)."""
 
 
 def search(
     snapshot: IndexSnapshot,
     catalog: Catalog,
     extractors: Extractors,
-    image: ImageInput,
+    image: ImageInput | Described,
     conf: SearchConf,
     device: Any = None,
     exclude: Collection[str] = (),
 ) -> SearchResult:
-    """Search `image` in one snapshot of an index (see the module docstring). `exclude`:
-    catalog paths left out of the results and the vote (e.g. the query itself when it is
-    indexed, in a leave-one-out evaluation)."""
+    """Search `image` in one snapshot of an index (see the module docstring). `image` may also
+    be its features, already extracted by `extractors.describe` (with local features when
+    reranking). `exclude`: catalog paths left out of the shortlist, the results and the vote
+    (e.g. the query itself when it is indexed, in a leave-one-out evaluation)."""
     timings = Timings()
-    described = extractors.describe(image, with_local=conf.rerank)
-    for stage, seconds in described.seconds.items():
-        timings.add(stage, seconds)
+    if isinstance(image, Described):
+        described = image
+    else:
+        described = extractors.describe(image, with_local=conf.rerank)
+        for stage, seconds in described.seconds.items():
+            timings.add(stage, seconds)
     t0 = time.perf_counter()
     desc = snapshot.whitening.apply(described.descriptor)
     needed = max(conf.k, conf.vote_top) + len(exclude)
-    depth = max(needed, conf.shortlist) if conf.rerank else needed
-    scores, ids = snapshot.vectors.search(desc[None], depth)
+    depth = max(needed, conf.shortlist + len(exclude)) if conf.rerank else needed
+    scores, ids = _refiner(snapshot, catalog, conf, exclude).ranking(desc, depth)
     timings.add("faiss", time.perf_counter() - t0)
-    cands = [Candidate(int(i), float(s)) for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+    cands = [Candidate(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
+    cands = _without(catalog, cands, exclude)
+    plan = ""
     if conf.rerank and cands:
-        assert described.local is not None
+        assert described.local is not None, "rerank needs the query's local features"
+        method = snapshot.config.local_method
+        plan = resolve_plan(conf.matcher or snapshot.config.matcher, method, device)
         head = rerank(
             described.local,
             cands[: conf.shortlist],
@@ -108,6 +138,8 @@ def search(
             conf.rerank_conf,
             timings,
             device=device,
+            matcher=plan,
+            local_method=method,
         )
         cands = head + cands[conf.shortlist :]
     t1 = time.perf_counter()
@@ -116,8 +148,43 @@ def search(
     label, confidence, evidence = vote(matches[: conf.vote_top])
     recognition = Recognition(label, confidence, [matches[i] for i in evidence])
     return SearchResult(
-        matches[: conf.k], recognition, dict(timings.stages), snapshot.generation, described.local
+        matches[: conf.k],
+        recognition,
+        dict(timings.stages),
+        snapshot.generation,
+        described.local,
+        plan,
     )
+
+
+def _refiner(
+    snapshot: IndexSnapshot, catalog: Catalog, conf: SearchConf, exclude: Collection[str]
+) -> Refiner:
+    """The global ranking of one search, with αQE / DBA when asked (retrieval.expansion)."""
+
+    def vectors(ids: np.ndarray) -> np.ndarray:
+        return snapshot.whitening.apply(snapshot.store.global_descriptors(ids))
+
+    expansion = Expansion(conf.qe, conf.qe_alpha, conf.dba, conf.dba_alpha)
+    return Refiner(expansion, snapshot.vectors.search, vectors, _excluded(catalog, exclude))
+
+
+def _excluded(catalog: Catalog, exclude: Collection[str]) -> ExcludedFn:
+    def excluded(ids: np.ndarray) -> np.ndarray:
+        if not exclude:
+            return np.zeros(len(ids), bool)
+        records = catalog.get(int(i) for i in ids)
+        return np.array([int(i) not in records or records[int(i)].path in exclude for i in ids])
+
+    return excluded
+
+
+def _without(catalog: Catalog, cands: list[Candidate], exclude: Collection[str]) -> list[Candidate]:
+    """The candidates that are not excluded (the catalog is read only when some are)."""
+    if not exclude or not cands:
+        return cands
+    gone = _excluded(catalog, exclude)(np.array([c.id for c in cands]))
+    return [c for c, g in zip(cands, gone, strict=True) if not g]
 
 
 def _matches(catalog: Catalog, cands: list[Candidate]) -> list[Match]:
@@ -128,5 +195,7 @@ def _matches(catalog: Catalog, cands: list[Candidate]) -> list[Match]:
     for c in cands:
         rec = records.get(c.id)
         if rec is not None:
-            out.append(Match(c.id, rec.path, rec.label, c.global_score, c.inliers, c.verified))
+            out.append(
+                Match(c.id, rec.path, rec.label, c.global_score, c.inliers, c.verified, c.matcher)
+            )
     return out

@@ -7,11 +7,18 @@ candidate pair and the total per query. It also times the similarity products al
 candidates per block, on the same worker pool, nothing else): the floor exact matching cannot go
 below on this machine.
 
+Part 3 (--matchers) times each rerank plan (mnn, lightglue, mnn+lightglue; retrieval.matchers)
+on the same shortlists, side by side in one run (plans alternate within each query), with its
+cost per pair per matcher and the end-to-end query latency (extraction + search + rerank) of
+--default against --baseline. --lightglue-sweep times LightGlue alone per pair over keypoint
+counts, adaptive depth / pruning on and off, and batch sizes.
+
 Part 2 (--dtypes) re-encodes copies of the index's local features (float16, int8, pq...;
 IndexWriter.recode), and prints bytes per image and the evaluation (mAP, global vs reranked) of
 each.
 
     python scripts/bench_rerank.py --index /tmp/bench-idx --dtypes float16,int8,pq
+    python scripts/bench_rerank.py --index /tmp/idx --skip-speed --matchers mnn,mnn+lightglue
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +41,10 @@ from index.layout import IndexPaths
 from index.manifest import Manifest
 from index.writer import IndexWriter
 from retrieval.api import Retriever, SearchConf
-from retrieval.evaluation.datasets import Dataset, landmarks_mini
+from retrieval.evaluation.datasets import Dataset, Query, landmarks_mini
 from retrieval.evaluation.runner import prepare_index, run_eval
+from retrieval.matchers import load_matcher, stages
+from retrieval.matchers.lightglue import LightGlueConf
 from retrieval.matching import CHUNK_COLUMNS, chunks
 from retrieval.rerank import (
     Candidate,
@@ -49,11 +58,15 @@ from retrieval.verification import default_workers
 
 console = Console(width=150)
 STAGES = ("load", "matching", "ransac")
+EXTRACTION = ("global", "local", "global+local (shared pass)")
 
 
-def shortlist(retriever: Retriever, image: Path, size: int) -> list[Candidate]:
-    """The global search's candidates, as the search path takes them."""
-    result = retriever.search(image, k=size, rerank=False)
+def shortlist(
+    retriever: Retriever, image: Path, size: int, exclude: Collection[str] = ()
+) -> list[Candidate]:
+    """The global search's candidates, as the search path takes them (`exclude`: catalog paths
+    left out, e.g. the query's own copy in an index of every image)."""
+    result = retriever.search(image, k=size, rerank=False, exclude=exclude)
     return [Candidate(m.id, m.global_score) for m in result.matches]
 
 
@@ -192,6 +205,142 @@ def encodings(dataset: Dataset, args: argparse.Namespace) -> None:
     console.print(table)
 
 
+def matchers(retriever: Retriever, dataset: Dataset, args: argparse.Namespace) -> None:
+    """Per plan: ms per query and per pair of each matcher; then end-to-end latency."""
+    plans = args.matchers.split(",")
+    conf = RerankConf(workers=args.workers, lightglue_top=args.lightglue_top)
+    many = retriever.local_features
+    per_query: dict[str, list[float]] = {p: [] for p in plans}
+    cpu: dict[str, list[float]] = {p: [] for p in plans}
+    stage_sum: dict[str, Timings] = {p: Timings() for p in plans}
+    queries = dataset.queries[: args.matcher_queries]
+    for n, q in enumerate(queries):
+        cands = shortlist(retriever, q.path, args.shortlist, itself(q, args))
+        query = retriever.extractors.local.extract(q.path)
+        if n == 0:  # warm up: networks loaded, first-call allocations done
+            for plan in plans:
+                rerank(query, cands[:2], many, conf, device=args.device, matcher=plan)
+        for r in range(args.repeats):
+            for plan in plans[r % len(plans) :] + plans[: r % len(plans)]:  # alternate the order
+                t = Timings()
+                start, start_cpu = time.perf_counter(), time.process_time()
+                rerank(query, cands, many, conf, t, device=args.device, matcher=plan)
+                if r == 0:
+                    per_query[plan].append(time.perf_counter() - start)
+                    cpu[plan].append(time.process_time() - start_cpu)
+                    for k, v in t.stages.items():
+                        stage_sum[plan].add(k, v)
+        console.print(f"  query {n + 1}/{len(queries)}", end="\r")
+    if args.e2e_only:
+        end_to_end(retriever, queries, args)
+        return
+    table = Table(title=f"rerank plans, shortlist {args.shortlist}, {len(queries)} queries (ms)")
+    cols = ("plan", "per query", "CPU per query", "stages per query", "pairs / query")
+    for col in (*cols, "ms per pair"):
+        table.add_column(col, justify="left" if col in ("plan", "stages per query") else "right")
+    nq = len(queries)
+    for plan in plans:
+        st = {k: 1e3 * v / nq for k, v in stage_sum[plan].stages.items()}
+        pairs = {
+            m: args.shortlist if i == 0 else conf.lightglue_top for i, m in enumerate(stages(plan))
+        }
+        cost = {m: st.get("matching" if m == "mnn" else m, 0.0) for m in pairs}
+        cost["mnn"] = cost.get("mnn", 0.0) + (st.get("ransac", 0.0) if "mnn" in pairs else 0.0)
+        table.add_row(
+            plan,
+            f"{1e3 * statistics.median(per_query[plan]):.0f}",
+            f"{1e3 * statistics.median(cpu[plan]):.0f}",
+            ", ".join(f"{k} {v:.0f}" for k, v in sorted(st.items())),
+            " + ".join(f"{m} {n}" for m, n in pairs.items()),
+            ", ".join(f"{m} {cost[m] / pairs[m]:.1f}" for m in pairs),
+        )
+    console.print(table)
+    console.print(f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}")
+    end_to_end(retriever, queries, args)
+
+
+def itself(query: Query, args: argparse.Namespace) -> set[str]:
+    """The query's own catalog path, in case the index holds it (an index of every image)."""
+    return {query.path.relative_to(args.data).as_posix()} | set(query.junk)
+
+
+def end_to_end(retriever: Retriever, queries: tuple, args: argparse.Namespace) -> None:
+    """Full searches (extraction included) of --default against --baseline, alternating: wall
+    and CPU time (all threads) per query. On a shared machine the CPU ratio is the steadier."""
+    plans = (args.default, args.baseline)
+    wall: dict[str, list[float]] = {p: [] for p in plans}
+    cpu: dict[str, list[float]] = {p: [] for p in plans}
+    extraction: list[float] = []
+    rerank_conf = RerankConf(lightglue_top=args.lightglue_top)
+    for n, q in enumerate(queries):
+        for plan in plans if n % 2 == 0 else plans[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            result = retriever.search(
+                q.path,
+                matcher=plan,
+                shortlist=args.shortlist,
+                exclude=itself(q, args),
+                rerank_conf=rerank_conf,
+            )
+            wall[plan].append(time.perf_counter() - start)
+            cpu[plan].append(time.process_time() - start_cpu)
+            if plan == args.baseline:
+                extraction.append(sum(v for k, v in result.timings.items() if k in EXTRACTION))
+    wa, wb = (sum(wall[p]) / len(queries) for p in plans)
+    ca, cb = (sum(cpu[p]) / len(queries) for p in plans)
+    ext = sum(extraction) / len(queries)
+    console.print(
+        f"end to end per query ({len(queries)} queries): {args.default} {1e3 * wa:.0f} ms wall / "
+        f"{1e3 * ca:.0f} ms CPU, {args.baseline} {1e3 * wb:.0f} ms wall / {1e3 * cb:.0f} ms CPU "
+        f"(extraction {1e3 * ext:.0f} ms wall); ratio {wa / wb:.2f}x wall, {ca / cb:.2f}x CPU; "
+        f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}"
+    )
+
+
+def lightglue_sweep(retriever: Retriever, dataset: Dataset, args: argparse.Namespace) -> None:
+    """LightGlue alone, ms per pair on the top --sweep-pairs candidates of each query."""
+    table = Table(title=f"LightGlue per pair on this CPU (top {args.sweep_pairs} candidates)")
+    for col in ("keypoints", "adaptive", "batch", "ms / pair", "CPU ms / pair", "matches / pair"):
+        table.add_column(col, justify="right")
+    work = []
+    for q in dataset.queries[: args.matcher_queries]:
+        cands = shortlist(retriever, q.path, args.sweep_pairs, itself(q, args))
+        work.append(
+            (
+                retriever.extractors.local.extract(q.path),
+                retriever.local_features([c.id for c in cands]),
+            )
+        )
+    for kpts in (int(k) for k in args.sweep_keypoints.split(",")):
+        for adaptive in (True, False):
+            for batch in (int(b) for b in args.sweep_batches.split(",")):
+                default = LightGlueConf()
+                conf = LightGlueConf(
+                    max_keypoints=kpts,
+                    batch_size=batch,
+                    depth_confidence=default.depth_confidence if adaptive else -1,
+                    width_confidence=default.width_confidence if adaptive else -1,
+                )
+                matcher = load_matcher("lightglue", conf, device=args.device)
+                matcher.match_many(work[0][0], work[0][1][:1])  # warm up
+                start, start_cpu, found = time.perf_counter(), time.process_time(), 0
+                for query, feats in work:
+                    found += sum(len(m) for m in matcher.match_many(query, feats))
+                n = sum(len(f) for _, f in work)
+                ms = 1e3 * (time.perf_counter() - start) / n
+                ms_cpu = 1e3 * (time.process_time() - start_cpu) / n
+                table.add_row(
+                    str(kpts),
+                    "yes" if adaptive else "no",
+                    str(batch),
+                    f"{ms:.0f}",
+                    f"{ms_cpu:.0f}",
+                    f"{found / n:.0f}",
+                )
+    console.print(table)
+    console.print(f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/landmarks-mini"))
@@ -203,6 +352,16 @@ def main() -> None:
     parser.add_argument("--queries", default="first", help="landmarks-mini query mode: first|all")
     parser.add_argument("--dtypes", default="", help="e.g. float16,int8,pq (first = baseline)")
     parser.add_argument("--skip-speed", action="store_true", help="only the encodings part")
+    parser.add_argument("--matchers", default="", help="e.g. mnn,lightglue,mnn+lightglue")
+    parser.add_argument("--matcher-queries", type=int, default=8, help="queries timed")
+    parser.add_argument("--default", default="auto", help="end to end: the plan timed...")
+    parser.add_argument("--baseline", default="mnn", help="...against this one")
+    parser.add_argument("--lightglue-top", type=int, default=RerankConf().lightglue_top)
+    parser.add_argument("--e2e-only", action="store_true", help="with --matchers: no plan table")
+    parser.add_argument("--lightglue-sweep", action="store_true")
+    parser.add_argument("--sweep-pairs", type=int, default=16)
+    parser.add_argument("--sweep-keypoints", default="256,512,1024")
+    parser.add_argument("--sweep-batches", default="1,8")
     args = parser.parse_args()
 
     dataset = landmarks_mini(args.data, queries=args.queries)
@@ -211,6 +370,10 @@ def main() -> None:
         console.print(f"built {build.indexed} images in {build.seconds:.1f} s")
     if not args.skip_speed:
         speed(retriever, dataset, args)
+    if args.matchers:
+        matchers(retriever, dataset, args)
+    if args.lightglue_sweep:
+        lightglue_sweep(retriever, dataset, args)
     if args.dtypes:
         encodings(dataset, args)
 

@@ -1,4 +1,5 @@
-"""Unit tests of the search stages against brute-force references and hand-made cases."""
+"""Unit tests of the search stages against brute-force references and hand-made cases (the
+exact vector search on both backends: FAISS and Milvus Lite)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from index.vectors import VectorIndex
@@ -15,6 +17,7 @@ from retrieval.matching import mutual_nn
 from retrieval.recognition import UNKNOWN, vote
 from retrieval.rerank import Candidate, order_candidates
 from retrieval.verification import RansacConf, verify
+from tests.vector_stores import BACKENDS, StoredVectors
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -36,6 +39,26 @@ def test_flat_index_matches_brute_force_with_catalog_ids(tmp_path) -> None:
     again = VectorIndex.load(tmp_path / "v.faiss")
     assert np.array_equal(again.search(q, 10)[1], got)
     assert index.search(q, 10_000)[1].shape == (7, 500)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_backends_agree_with_brute_force(tmp_path, backend: str) -> None:
+    """The exact index of each vector backend (FAISS Flat, Milvus FLAT) returns the brute-force
+    top-k under catalog ids, as a reader reopening the generation sees it."""
+    rng = np.random.default_rng(0)
+    x = _unit(rng.normal(size=(500, 64)))
+    ids = rng.choice(10_000, size=500, replace=False)
+    q = _unit(rng.normal(size=(7, 64)))
+    stored = StoredVectors(backend, tmp_path)
+    try:
+        stored.build(ids, x)
+        scores, got = stored.reopen().search(q, 10)
+        sims = q @ x.T
+        assert np.array_equal(got, ids[np.argsort(-sims, axis=1)[:, :10]])
+        np.testing.assert_allclose(scores, np.sort(sims, axis=1)[:, ::-1][:, :10], atol=1e-5)
+        assert stored.reopen().search(q, 10_000)[1].shape == (7, 500)
+    finally:
+        stored.close()
 
 
 def test_whitening_decorrelates_and_shrinkage_interpolates() -> None:
@@ -127,3 +150,60 @@ def test_features_list_shows_every_method_and_licence() -> None:
     for name in ("disk", "superpoint", "r2d2", "sekd", "d2net", "aslfeat", "mda", "magicpoint"):
         assert name in out.stdout
     assert "Apache-2.0" in out.stdout
+
+
+# --- αQE and DBA (retrieval.expansion) -------------------------------------------------------
+
+
+def _dba_brute_force(x: np.ndarray, k: int, alpha: float, banned: set[int]) -> np.ndarray:
+    """Every vector replaced by its α-weighted mean with its k nearest others (none banned)."""
+    sims = x @ x.T
+    out = np.empty_like(x)
+    for i in range(len(x)):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if j != i and j not in banned]
+        group = np.concatenate([x[i : i + 1], x[order[:k]]])
+        w = np.maximum(group @ x[i], 0) ** alpha
+        v = w @ group
+        out[i] = v / np.linalg.norm(v)
+    return out
+
+
+def test_alpha_query_expansion_and_dba_match_brute_force() -> None:
+    from retrieval.expansion import Expansion, Refiner, expand_query
+
+    rng = np.random.default_rng(3)
+    centres = _unit(rng.normal(size=(6, 32)))
+    x = _unit(np.repeat(centres, 20, axis=0) + 0.4 * rng.normal(size=(120, 32)))
+    ids = np.arange(1000, 1120)
+    index = VectorIndex.build(ids, x)
+    q = _unit(centres[:1] + 0.5 * rng.normal(size=(1, 32)))[0]
+
+    def vectors(some: np.ndarray) -> np.ndarray:
+        return x[np.asarray(some) - 1000]
+
+    banned = {1000 + int(np.argmax(x @ q))}  # e.g. the query's own copy in a leave-one-out run
+
+    def excluded(some: np.ndarray) -> np.ndarray:
+        return np.isin(some, list(banned))
+
+    # αQE: one expansion with the best 3 usable neighbours, then the whole index again
+    got_s, got = Refiner(Expansion(qe=3, qe_alpha=3.0), index.search, vectors, excluded).ranking(
+        q, 120
+    )
+    first = [i for i in np.argsort(-(x @ q), kind="stable") if i + 1000 not in banned][:3]
+    q2 = expand_query(q, x[first], 3.0)
+    w = np.maximum(np.concatenate([q[None], x[first]]) @ q, 0) ** 3
+    np.testing.assert_allclose(
+        q2, _unit((w @ np.concatenate([q[None], x[first]]))[None])[0], atol=1e-6
+    )
+    np.testing.assert_allclose(got_s, np.sort(x @ q2)[::-1], atol=1e-5)
+    assert np.array_equal(got, ids[np.argsort(-(x @ q2), kind="stable")])
+
+    # DBA over the whole ranking equals DBA of the whole database, banned images never used
+    aug = _dba_brute_force(x, 2, 3.0, {b - 1000 for b in banned})
+    dba = Refiner(Expansion(dba=2, dba_alpha=3.0), index.search, vectors, excluded)
+    got_s, got = dba.ranking(q, 120)
+    np.testing.assert_allclose(got_s, np.sort(aug @ q)[::-1], atol=1e-5)
+    assert np.array_equal(got, ids[np.argsort(-(aug @ q), kind="stable")])
+    off_s, off = Refiner(Expansion(), index.search, vectors, excluded).ranking(q, 10)
+    assert np.array_equal(off, index.search(q[None], 10)[1][0])

@@ -63,6 +63,9 @@ class Query:
     junk: frozenset[str] = frozenset()
     bbox: tuple[float, float, float, float] | None = None
     labels: frozenset[str] | None = None
+    kind: str | None = None
+    """What the query shows, for results reported per kind (landmarks-mini: landmark, place,
+    wxbs); None when the dataset does not say."""
 
 
 @dataclass(frozen=True)
@@ -280,7 +283,7 @@ QUERY_MODES = ("first", "all")
 def landmarks_mini(
     root: str | Path,
     queries: str = "first",
-    kinds: Collection[str] = ("landmark",),
+    kinds: Collection[str] | None = None,
     groups: Collection[str] | None = None,
     max_distractors: int | None = None,
 ) -> Dataset:
@@ -289,13 +292,16 @@ def landmarks_mini(
     queries="first": the first image (manifest order) of every group whose kind is in `kinds` is
     a query and is held out of the database. queries="all" (leave-one-out): every image of those
     kinds is a query, the database keeps every image and each query's own image is junk.
-    Distractors are never queries. `groups` and `max_distractors` (first n in manifest order)
+    kinds=None: ("landmark",) for "first", every labelled kind (landmark, place, wxbs) for
+    "all". Distractors are never queries. `groups` and `max_distractors` (first n in manifest order)
     take a subset for quick runs.
     """
     if queries not in QUERY_MODES:
         raise DatasetError(f"unknown query mode '{queries}' (available: {', '.join(QUERY_MODES)})")
     root = Path(root)
     rows = _read_manifest(root / "manifest.csv", groups, max_distractors)
+    if kinds is None:
+        kinds = ("landmark",) if queries == "first" else {r["kind"] for r in rows}
     members: dict[str, list[str]] = defaultdict(list)
     for r in rows:
         if r["group"]:
@@ -321,6 +327,7 @@ def landmarks_mini(
             easy=frozenset(p for p in members[r["group"]] if p != r["path"]),
             junk=frozenset({r["path"]}) if queries == "all" else frozenset(),
             labels=frozenset({r["group"]}),
+            kind=r["kind"],
         )
         for r in chosen
     )

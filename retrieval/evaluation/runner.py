@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from features.core import RetrError
+from features.pipeline import Described
 from index.catalog import Status
 from index.layout import IndexConfig, IndexPaths, settle_config
 from retrieval.api import Match, Retriever
@@ -83,6 +84,8 @@ class ModeMetrics:
     accuracy: float | None
     seconds_per_query: float
     stage_seconds: dict[str, float]
+    kinds: dict[str, RankingMetrics] = field(default_factory=dict)
+    """The same ranking metrics over the queries of each kind (Query.kind), when known."""
 
 
 @dataclass(frozen=True)
@@ -119,18 +122,29 @@ def run_eval(
     search: SearchConf | None = None,
     max_rank: int | None = None,
     ks: Sequence[int] = DEFAULT_KS,
+    variants: dict[str, SearchConf] | None = None,
+    stored_queries: bool = False,
 ) -> EvalResult:
     """Index `dataset`'s database in `index_dir` if needed, run its queries, score them.
 
     config: the IndexConfig of a new index (`IndexConfig.parse`); the fields it was given must
     agree with an existing index (index.layout.settle_config). rerank=False runs the global
     search only. search: shortlist, verification and vote settings (k is set by the runner).
+    variants: reranked modes side by side, by name (e.g. one per matcher), each with its own
+    settings (default: {"rerank": search}); each query is described once for all modes.
+    stored_queries: a query that is a whole database image (the leave-one-out protocol) is
+    described by its features stored in the index instead of being extracted again (local
+    descriptors as stored, e.g. float16; its times then leave extraction out).
     progress(done, total, current) sees the build, then the queries ("query: <name>").
     """
     retriever, build = prepare_index(dataset, Path(index_dir), config, progress)
-    modes = MODES if rerank else MODES[:1]
+    confs = {"global": search or SearchConf()}
+    if rerank:
+        confs.update(variants or {"rerank": confs["global"]})
+    modes = tuple(confs)
     wanted = {im.rel for im in dataset.database}
-    ranker = _Ranker(retriever, wanted, max_rank, search or SearchConf())
+    stored = {im.path.resolve(): im.rel for im in dataset.database} if stored_queries else {}
+    ranker = _Ranker(retriever, wanted, max_rank, confs, stored)
     rankings: dict[str, list[list[str]]] = {m: [] for m in modes}
     queries: list[QueryResult] = []
     stages: dict[str, defaultdict[str, float]] = {m: defaultdict(float) for m in modes}
@@ -235,18 +249,34 @@ class _Ranker:
     """Runs the searches of one evaluation and turns matches into database rankings."""
 
     def __init__(
-        self, retriever: Retriever, wanted: set[str], max_rank: int | None, conf: SearchConf
+        self,
+        retriever: Retriever,
+        wanted: set[str],
+        max_rank: int | None,
+        confs: dict[str, SearchConf],
+        stored: dict[Path, str] | None = None,
     ) -> None:
         self.retriever = retriever
         self.wanted = wanted
         self.size = len(retriever.snapshot().vectors)
         self.depth = max(1, min(max_rank or DEFAULT_MAX_RANK, self.size))
-        self.conf = conf
+        self.confs = {
+            m: c.model_copy(update={"k": self.depth, "rerank": m != "global" and c.rerank})
+            for m, c in confs.items()
+        }
+        """Settings per mode: "global" ranks by the global descriptor only, a variant may too
+        (rerank=False: e.g. to compare global-stage refinements)."""
         self.aliases = _duplicate_aliases(retriever)
         self.outside = {
             r.path for r in retriever.catalog.with_status(Status.INDEXED) if not self._known(r.path)
         }
         """Indexed images that are not in this dataset: never results, never voters."""
+        ids = {r.path: r.id for r in retriever.catalog.with_status(Status.INDEXED)}
+        for kept, dups in self.aliases.items():
+            ids.update(dict.fromkeys(dups, ids[kept]))
+        self.stored = {p: ids[rel] for p, rel in (stored or {}).items() if rel in ids}
+        """Query file -> the id of its stored features (stored_queries)."""
+        self.reused = 0
 
     def run(
         self, q: Query, modes: Sequence[str], stages: dict[str, defaultdict[str, float]]
@@ -257,13 +287,21 @@ class _Ranker:
         seconds = dict.fromkeys(modes, 0.0)
         error = None
         try:
-            image = query_image(q)
+            local = any(self.confs[m].rerank for m in modes)
+            described = self._describe(q, local)
             for m in modes:
-                conf = self.conf.model_copy(update={"k": self.depth, "rerank": m == "rerank"})
+                # each mode is charged the extraction it needs: the global model alone, or all
+                extracted = {
+                    k: v
+                    for k, v in described.seconds.items()
+                    if self.confs[m].rerank or k == "global"
+                }
                 t0 = time.perf_counter()
-                result = self.retriever.search(image, conf, exclude=self.outside | q.junk)
-                seconds[m] = time.perf_counter() - t0
-                for stage, s in result.timings.items():
+                result = self.retriever.search(
+                    described, self.confs[m], exclude=self.outside | q.junk
+                )
+                seconds[m] = time.perf_counter() - t0 + sum(extracted.values())
+                for stage, s in (*extracted.items(), *result.timings.items()):
                     stages[m][stage] += s
                 ranked[m] = self._expand(result.matches)
                 preds[m] = _predict(result, m)
@@ -272,6 +310,17 @@ class _Ranker:
             error = str(exc)
         top = {m: ranked[m][:TOP_SHOWN] for m in modes}
         return QueryResult(q.name, {}, preds, top, seconds, error), ranked
+
+    def _describe(self, q: Query, local: bool) -> Described:
+        """The query's features: stored ones for a whole indexed image (`stored`), else
+        extracted from the query image."""
+        image_id = self.stored.get(q.path.resolve()) if q.bbox is None else None
+        if image_id is None:
+            return self.retriever.extractors.describe(query_image(q), with_local=local)
+        store = self.retriever.snapshot().store
+        feats = store.local_features([image_id])[0]
+        self.reused += 1
+        return Described(store.global_descriptors([image_id])[0], feats, feats.image_size)
 
     def _known(self, path: str) -> bool:
         """Whether an indexed path stands for a database image (itself or a duplicate of it)."""
@@ -285,6 +334,11 @@ class _Ranker:
 
     def notes(self) -> list[str]:
         notes = []
+        if self.reused:
+            notes.append(
+                f"{self.reused} queries were described by their stored features: their times "
+                "leave extraction out"
+            )
         if self.depth < self.size:
             notes.append(f"rankings cut at {self.depth} of {self.size} images: AP is a lower bound")
         if self.outside:
@@ -321,8 +375,9 @@ def _duplicate_aliases(retriever: Retriever) -> dict[str, list[str]]:
 def _predict(result: SearchResult, mode: str) -> Prediction | None:
     """Global: the label of the first result (1-NN), confidence its global score (nothing is
     verified, so the vote would always say unknown). Rerank: the search's own recognition.
-    Junk results (in leave-one-out mode, the query itself) were excluded by the search."""
-    if mode == "global":
+    Junk results (in leave-one-out mode, the query itself) were excluded by the search. A
+    variant that did not rerank (result.matcher empty) counts as global."""
+    if mode == "global" or not result.matcher:
         first = result.matches[0] if result.matches else None
         return Prediction(first.label, first.global_score) if first and first.label else None
     rec = result.recognition
@@ -347,6 +402,11 @@ def _score_mode(
     else:
         rels = [Relevance(q.easy | q.hard, q.junk) for q in dataset.queries]
         protocols = {"all": ranking_metrics(rankings, rels, ks)}
+    kinds = {}
+    for kind in sorted({q.kind for q in dataset.queries if q.kind}):
+        rows = [i for i, q in enumerate(dataset.queries) if q.kind == kind]
+        rels = [Relevance(q.easy | q.hard, q.junk) for q in (dataset.queries[i] for i in rows)]
+        kinds[kind] = ranking_metrics([rankings[i] for i in rows], rels, ks)
     gap = accuracy = None
     if dataset.has_labels:
         solution = {q.name: q.labels or frozenset() for q in dataset.queries}
@@ -360,6 +420,7 @@ def _score_mode(
         accuracy=accuracy,
         seconds_per_query=sum(r.seconds.get(mode, 0.0) for r in results) / n,
         stage_seconds={k: v / n for k, v in sorted(stages.items())},
+        kinds=kinds,
     )
 
 
@@ -397,6 +458,11 @@ def summary_rows(result: EvalResult) -> list[tuple[str, list[float | None]]]:
                 (f"recall@{k}", [_pct(m.protocols[p].recall[k]) for m in modes])
                 for k in first.recall
             ]
+    for kind, first in modes[0].kinds.items():  # mAP, mP at the largest k, recall at the smallest
+        top, one = max(first.mp), min(first.recall)
+        rows.append((f"{kind} mAP", [_pct(m.kinds[kind].map) for m in modes]))
+        rows.append((f"{kind} mP@{top}", [_pct(m.kinds[kind].mp[top]) for m in modes]))
+        rows.append((f"{kind} recall@{one}", [_pct(m.kinds[kind].recall[one]) for m in modes]))
     if modes[0].gap is not None:
         rows.append(("GAP", [_pct(m.gap) for m in modes]))
         rows.append(("accuracy", [_pct(m.accuracy) for m in modes]))
@@ -434,7 +500,7 @@ def to_dict(result: EvalResult) -> dict[str, Any]:
     """JSON-ready dict (NaN -> None; per-query APs only under `queries`)."""
     data = asdict(result)
     for mode in data["modes"].values():
-        for metrics in mode["protocols"].values():
+        for metrics in (*mode["protocols"].values(), *mode["kinds"].values()):
             metrics.pop("per_query_ap", None)
     return _clean(data)
 

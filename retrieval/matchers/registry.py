@@ -1,0 +1,107 @@
+"""Matcher names -> plug-in classes, and the rerank plans built from them. Explicit, so a grep
+finds every matcher.
+
+A plan (the `matcher` option of an index, a query, the CLI) is one matcher over the whole
+shortlist ("mnn", "lightglue"), the two-stage "mnn+lightglue" (mutual NN and RANSAC over the
+shortlist, then LightGlue re-scores the best `lightglue_top`), or "auto": the plan measured best
+on the device for the index's local method (AUTO_PLAN; docs/results.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from features.core import ConfigError, RetrError, StrictConf, pick_device
+from retrieval.matchers.base import Matcher
+
+logger = logging.getLogger(__name__)
+
+MATCHERS: dict[str, str] = {
+    "mnn": "retrieval.matchers.mnn:MNN",
+    "lightglue": "retrieval.matchers.lightglue:LightGlue",
+}
+AUTO = "auto"
+TWO_STAGE = "mnn+lightglue"
+PLANS = (AUTO, "mnn", "lightglue", TWO_STAGE)
+AUTO_PLAN = {"cuda": "lightglue", "cpu": TWO_STAGE}
+"""What "auto" runs per device when the local method has LightGlue weights (else "mnn"). On a
+CPU the two-stage plan, LightGlue on the best `RerankConf.lightglue_top` (4): measured on the
+2-core CPU, one LightGlue pair costs about 260 ms of CPU against 430 ms for the whole mutual-NN
+rerank of a query, and M = 4 is the best quality whose end-to-end latency stays within 1.5x
+mutual NN's (1.33x; leave-one-out mAP 79.3 against 77.5, wxbs 71.3 against 66.7). On a GPU,
+LightGlue over the whole shortlist in batches (chosen by design: no GPU was available to measure
+it). docs/results.md, "Learned matching"."""
+
+
+def matcher_class(name: str) -> type[Matcher]:
+    """The plug-in class registered as `name`; unknown names list the valid ones."""
+    key = name.lower()
+    if key not in MATCHERS:
+        raise ConfigError(f"unknown matcher '{name}' (available: {', '.join(sorted(MATCHERS))})")
+    module_name, cls_name = MATCHERS[key].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    assert issubclass(cls, Matcher)
+    return cls
+
+
+def stages(plan: str) -> tuple[str, ...]:
+    """The matchers a (resolved) plan runs, in order: "mnn+lightglue" -> ("mnn", "lightglue")."""
+    return tuple(plan.split("+"))
+
+
+def check_plan(plan: str, local_method: str | None = None) -> str:
+    """`plan` in canonical form; ConfigError for an unknown name, or for a matcher that cannot
+    match `local_method`'s features (never a silent fallback)."""
+    key = plan.lower()
+    if key not in PLANS:
+        raise ConfigError(f"unknown matcher '{plan}' (available: {', '.join(PLANS)})")
+    if key != AUTO and local_method is not None:
+        for name in stages(key):
+            matcher_class(name).check_features(local_method)
+    return key
+
+
+def resolve_plan(plan: str, local_method: str, device: Any = None) -> str:
+    """The plan a search runs: `plan` checked, "auto" replaced by AUTO_PLAN for the device,
+    or "mnn" when LightGlue has no weights for the method (or its file cannot be found, which
+    is logged)."""
+    key = check_plan(plan, local_method)
+    if key != AUTO:
+        return key
+    chosen = AUTO_PLAN.get(pick_device(device).type, TWO_STAGE)
+    return chosen if _lightglue_available(local_method.lower()) else "mnn"
+
+
+@lru_cache(maxsize=16)
+def _lightglue_available(local_method: str) -> bool:
+    """Whether LightGlue has weights for the method and they can be found (said once)."""
+    from features.weights import resolve_weights
+    from retrieval.matchers.lightglue import WEIGHTS
+
+    if local_method not in WEIGHTS:
+        return False
+    try:
+        resolve_weights(WEIGHTS[local_method], what=f"lightglue ({local_method})")
+    except RetrError as exc:
+        logger.warning("matcher auto falls back to mutual NN: %s", exc)
+        return False
+    return True
+
+
+def load_matcher(
+    name: str, conf: StrictConf | None = None, local_method: str = "disk", device: Any = None
+) -> Matcher:
+    """The matcher `name` with `conf`, built once per (name, conf, method, device) and shared:
+    matchers hold no per-call state, and a network is loaded once per process."""
+    dev = pick_device(device)
+    return _cached(name.lower(), conf, local_method.lower(), str(dev))
+
+
+@lru_cache(maxsize=8)
+def _cached(name: str, conf: StrictConf | None, local_method: str, device: str) -> Matcher:
+    return matcher_class(name)(conf, local_method, torch.device(device))

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from features.core import ConfigError, RetrError, field_default, field_help
 from retrieval.search import SearchConf
+from retrieval.training.cli import train_app
 
 app = typer.Typer(
     help="retr: landmark image retrieval with a DELG shortlist and local-feature reranking.",
@@ -44,6 +45,7 @@ convert_app = typer.Typer(
 app.add_typer(index_app, name="index")
 app.add_typer(features_app, name="features")
 app.add_typer(convert_app, name="convert")
+app.add_typer(train_app, name="train")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -159,6 +161,15 @@ def index_build(
     weights: Annotated[Path | None, typer.Option(help="Local-method checkpoint path.")] = None,
     index_type: Annotated[str | None, typer.Option(help=_help_index("index_type"))] = None,
     local_dtype: Annotated[str | None, typer.Option(help=_help_index("local_dtype"))] = None,
+    matcher: Annotated[str | None, typer.Option(help=_help_index("matcher"))] = None,
+    vectors: Annotated[
+        str | None,
+        typer.Option(
+            "--vectors",
+            help="Where the vectors live: faiss (default, files in the index), "
+            "milvus://HOST:PORT/COLLECTION or milvus-lite://PATH.db/COLLECTION (retr[milvus]).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     wait: WaitOpt = None,
     ray: Annotated[
@@ -187,6 +198,8 @@ def index_build(
             db_url=db,
             index_type=index_type,
             local_dtype=local_dtype,
+            matcher=matcher,
+            vector_store=vectors,
         )
         with progress_bar("indexing", quiet) as update:
             report = build_index(corpus, index, config, labels, update, device, wait, ray)
@@ -365,7 +378,12 @@ def query(
         SearchConf, "shortlist"
     ),
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global ranking only.")] = False,
+    matcher: Annotated[str | None, typer.Option(help=_search_help("matcher"))] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    show: Annotated[
+        Path | None,
+        typer.Option(help="Write one match picture (PNG) per result into this folder."),
+    ] = None,
     db: DbOpt = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -375,12 +393,22 @@ def query(
 
     results = []
     with cli_errors():
-        conf = parse_conf(
-            SearchConf, {"k": k, "shortlist": shortlist, "rerank": not no_rerank}, "query options"
-        )
+        values = {"k": k, "shortlist": shortlist, "rerank": not no_rerank, "matcher": matcher}
+        conf = parse_conf(SearchConf, values, "query options")
         retriever = Retriever.open(index, db=db, device=device)
         for image in images:
             results.append((image, retriever.search(image, conf)))
+        if show is not None:
+            from retrieval.pictures import write_result_pictures
+
+            written = [
+                p
+                for image, result in results
+                for p in write_result_pictures(retriever, image, result, show, conf)
+            ]
+            err_console.print(
+                f"wrote {len(written)} match pictures to {show}", highlight=False, soft_wrap=True
+            )
     if as_json:
         sys.stdout.write(json.dumps([result_json(i, r) for i, r in results], indent=2) + "\n")
         return
@@ -412,6 +440,123 @@ def result_json(image: Path | str, result: Any) -> dict[str, Any]:
         "timings": result.timings,
         "generation": result.generation,
     }
+
+
+def _index_default(name: str) -> Any:
+    from index.layout import IndexConfig
+
+    return field_default(IndexConfig, name)
+
+
+def _serve_help(name: str) -> str:
+    from retrieval.server.settings import ServerSettings
+
+    return field_help(ServerSettings, name)
+
+
+def _serve_default(name: str) -> Any:
+    from retrieval.server.settings import ServerSettings
+
+    return field_default(ServerSettings, name)
+
+
+@app.command("serve")
+def serve(
+    index: IndexOpt = DEFAULT_INDEX,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Processes, each with its own models and searches.")
+    ] = 1,
+    token: Annotated[
+        str | None, typer.Option(envvar="RETR_TOKEN", help=_serve_help("token"))
+    ] = None,
+    max_body_mb: Annotated[
+        float | None, typer.Option(help="Largest request body in MB (default 25).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(help=_serve_help("concurrency"))] = _serve_default(
+        "concurrency"
+    ),
+    queue: Annotated[int, typer.Option(help=_serve_help("queue"))] = _serve_default("queue"),
+    timeout: Annotated[float, typer.Option(help=_serve_help("timeout"))] = _serve_default(
+        "timeout"
+    ),
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve search, recognition, index updates and a web page over HTTP (FastAPI and uvicorn:
+    the `serve` extra of retr)."""
+    from features.core import parse_conf
+    from retrieval.server import ServerSettings
+
+    body = {"max_body_bytes": int(max_body_mb * 2**20)} if max_body_mb is not None else {}
+    with cli_errors():
+        try:
+            from retrieval.server.app import serve as run
+        except ImportError as exc:
+            raise ConfigError(f"retr serve needs pip install 'retr[serve]' ({exc})") from None
+        settings = parse_conf(
+            ServerSettings,
+            {
+                "index": index,
+                "db": db,
+                "device": device,
+                "token": token,
+                "concurrency": concurrency,
+                "queue": queue,
+                "timeout": timeout,
+                **body,
+            },
+            "serve options",
+        )
+        err_console.print(f"serving {index} on http://{host}:{port}", highlight=False)
+        run(settings, host, port, workers)
+
+
+@app.command("match")
+def match(
+    image_a: Annotated[Path, typer.Argument(help="First image.")],
+    image_b: Annotated[Path, typer.Argument(help="Second image.")],
+    out: Annotated[Path | None, typer.Option(help="Write the match picture (PNG) here.")] = None,
+    local: Annotated[str, typer.Option(help="Local-feature method.")] = _index_default(
+        "local_method"
+    ),
+    max_keypoints: Annotated[int | None, typer.Option(help="Keypoints kept per image.")] = None,
+    matcher: Annotated[
+        str,
+        typer.Option(help="auto, mnn, lightglue or mnn+lightglue (a plan: its last matcher)."),
+    ] = _index_default("matcher"),
+    rejected: Annotated[bool, typer.Option(help="Draw the matches RANSAC rejected (red).")] = True,
+    keypoints: Annotated[bool, typer.Option(help="Draw every keypoint.")] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Match any two images as the rerank does (no index needed): extract, match, verify; print
+    the counts and draw the verified correspondences."""
+    from retrieval.pictures import match_files
+
+    local_conf = {"max_keypoints": max_keypoints} if max_keypoints is not None else None
+    with cli_errors():
+        picture = match_files(
+            image_a,
+            image_b,
+            local,
+            local_conf,
+            matcher,
+            device=device,
+            rejected=rejected,
+            keypoints=keypoints,
+        )
+        if out is not None:
+            picture.save(out)
+    verdict = "verified" if picture.pair.verified else "not verified"
+    console.print(
+        f"{picture.pair.matcher}: {picture.matches} matches, {picture.inliers} inliers "
+        f"({verdict})" + (f"; wrote {out}" if out is not None else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @features_app.command("list")
@@ -484,8 +629,23 @@ def evaluate(
     queries: Annotated[
         str | None, typer.Option(help="mini only: 'first' (held out) or 'all'.")
     ] = None,
+    matcher: Annotated[
+        list[str] | None,
+        typer.Option(help="Matcher(s) of the rerank; repeat to compare several in one run."),
+    ] = None,
+    qe: Annotated[int, typer.Option(help=_search_help("qe"))] = field_default(SearchConf, "qe"),
+    dba: Annotated[int, typer.Option(help=_search_help("dba"))] = field_default(SearchConf, "dba"),
+    stored_queries: Annotated[
+        bool,
+        typer.Option(
+            "--stored-queries",
+            help="Queries that are whole database images (--queries all) use their stored "
+            "features instead of being extracted again (times then leave extraction out).",
+        ),
+    ] = False,
 ) -> None:
     """Evaluate retrieval and recognition on a standard benchmark, global-only vs reranked."""
+    from features.core import parse_conf
     from retrieval.evaluation.datasets import open_dataset
     from retrieval.evaluation.plots import plot as draw
     from retrieval.evaluation.runner import format_table, run_eval, write_json
@@ -494,8 +654,22 @@ def evaluate(
     with cli_errors():
         ds = open_dataset(dataset, data, **options)
         config = _index_config(local_method=local)
+        search = parse_conf(SearchConf, {"qe": qe, "dba": dba}, "eval options")
+        variants = {
+            f"rerank {m}": parse_conf(SearchConf, {**search.model_dump(), "matcher": m}, "eval")
+            for m in matcher or ()
+        }
         with progress_bar("evaluating") as update:
-            result = run_eval(ds, index, config, rerank=not no_rerank, progress=update)
+            result = run_eval(
+                ds,
+                index,
+                config,
+                rerank=not no_rerank,
+                progress=update,
+                search=search,
+                variants=variants or None,
+                stored_queries=stored_queries,
+            )
         console.print(format_table(result))
         for note in result.notes:
             console.print(f"note: {note}", highlight=False)

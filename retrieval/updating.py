@@ -24,7 +24,7 @@ from index.catalog import ImageRecord
 from index.layout import IndexPaths
 from index.writer import IndexWriter
 from retrieval.building import scan_corpus
-from retrieval.ingest import FileItem, Ingester, IngestReport, Progress, ingest_files
+from retrieval.ingest import FileItem, Ingester, IngestReport, Models, Progress, ingest_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,18 +61,20 @@ def add_images(
     device: Any = None,
     tombstone: bool | None = None,
     wait: float | None = None,
+    models: Models | None = None,
 ) -> UpdateReport:
     """Index files and folders (recursively) into an existing index. A file under the corpus
     root recorded at build time is catalogued by its path relative to that root and labelled
     by its first sub-folder, like `retr index build` does; files elsewhere by their absolute
     path, unlabelled. `label` overrides both. Known unchanged files are left alone, known
-    changed ones re-extracted under their id."""
+    changed ones re-extracted under their id. `models`: already loaded models of this index
+    (e.g. a running service's), instead of loading them again."""
     paths = IndexPaths(index_dir)
     with IndexWriter.open(paths, wait=wait) as writer:
         corpus = Path(writer.config.corpus) if writer.config.corpus else None
         files = [f for t in targets for f in _expand(Path(t), corpus, label)]
         report = UpdateReport()
-        _ingest(writer, files, report, progress, device, tombstone)
+        _ingest(writer, files, report, progress, models or _models(writer, device), tombstone)
     return report
 
 
@@ -97,7 +99,7 @@ def update_images(
             report.tombstones += writer.remove(gone, tombstone).tombstones
             report.removed.extend(sorted(gone))
         files = [FileItem(f, r.path, r.label) for f, r in present if os.path.lexists(f)]
-        _ingest(writer, files, report, progress, device, tombstone)
+        _ingest(writer, files, report, progress, _models(writer, device), tombstone)
     return report
 
 
@@ -121,22 +123,24 @@ def remove_images(
     return report
 
 
+def _models(writer: IndexWriter, device: Any) -> Extractors:
+    """The index's models, built on first use."""
+    c = writer.config
+    return Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf, device)
+
+
 def _ingest(
     writer: IndexWriter,
     files: list[FileItem],
     report: UpdateReport,
     progress: Progress | None,
-    device: Any,
+    models: Models,
     tombstone: bool | None,
 ) -> None:
     """Ingest `files` and publish, keeping the whitening (no rebuild)."""
     if not files:
         return
-    config = writer.config
-    extractors = Extractors(
-        config.global_model, config.global_conf, config.local_method, config.local_conf, device
-    )
-    ingester = Ingester(writer, extractors)
+    ingester = Ingester(writer, models)
     ingested = ingest_files(ingester, files, progress)
     report.take(ingested)
     m = writer.manifest

@@ -105,11 +105,12 @@ def main() -> None:
     found = [p for p, problem in scan_corpus(args.data / "images") if problem is None]
     images = [p for p in found if p.suffix == ".jpg"][: args.images]
     config = IndexConfig()
+    if args.ray:
+        with tempfile.TemporaryDirectory() as tmp:
+            ray_side_by_side(images, Path(tmp), args.ray, args.rounds)
+        return
     loading, forward = bare(images, config)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.ray:
-            ray_side_by_side(images, Path(tmp), args.ray, args.rounds)
-            return
         total, loop, _ = build(images, Path(tmp))
     n = len(images)
     table = Table(title=f"{n} images, {config.global_model} + {config.local_method} (defaults)")

@@ -57,11 +57,17 @@ DEFAULT_LOCAL = "disk"
 
 
 def global_class(name: str) -> tuple[type[GlobalExtractor], dict[str, Any]]:
-    """The class registered as `name` and the config defaults that select its variant."""
+    """The class registered as `name` and the config defaults that select its variant.
+    `trained:<CKPT>` is a checkpoint of `retr train global` (features.delg.trained)."""
+    if name.startswith("trained:"):
+        from features.delg.trained import TrainedDELG
+
+        return TrainedDELG, {"weights": name.removeprefix("trained:")}
     key = name.lower()
     if key not in GLOBAL_MODELS:
         raise ConfigError(
-            f"unknown global model '{name}' (available: {', '.join(sorted(GLOBAL_MODELS))})"
+            f"unknown global model '{name}' (available: "
+            f"{', '.join(sorted(GLOBAL_MODELS))}, trained:CKPT)"
         )
     target, defaults = GLOBAL_MODELS[key]
     module_name, cls_name = target.split(":")

@@ -10,16 +10,21 @@ step and features.delg.model for global + local features from a shared forward p
 Keypoints: the official (y, x) cell centres 32 i / s, swapped to retr's (x, y); the official frame
 already has the centre of the top-left pixel at 0.
 
-Weights: a retr checkpoint converted from the official TensorFlow release (Apache-2.0).
+Weights: a retr checkpoint converted from the official TensorFlow release (Apache-2.0), or a
+`retr train global` checkpoint passed as `weights` (features.delg.trained: its attention and
+autoencoder branch, cells of the stride-16 map; `score_threshold` None keeps the strongest).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from features.base import LocalConf, LocalExtractor
-from features.delg import official
+from features.delg import official, trained
 from features.delg.model import Dataset, Depth, load_net, to_local_features
 
 
@@ -52,13 +57,18 @@ class DELGLocal(LocalExtractor):
     conf: DELGLocalConf
 
     def _init(self) -> None:
+        self.trained: trained.DelgTrainNet | None = None
+        if trained.is_trained_checkpoint(self.conf.weights):  # a `retr train global` model
+            self.weights_path = Path(str(self.conf.weights))
+            self.trained = trained.load_trained(self.weights_path, self.name).to(self.device)
+            return
         self.preset = official.preset_for(self.conf.depth, self.conf.dataset)
         what = f"{self.name}-r{self.conf.depth}"
         self.net, self.weights_path = load_net(self.preset, self.conf.weights, self.device, what)
 
     @property
     def descriptor_dim(self) -> int:
-        return 128
+        return 128 if self.trained is None else self.trained.arch.local_dim
 
     @property
     def settings(self) -> official.Settings:
@@ -84,9 +94,14 @@ class DELGLocal(LocalExtractor):
 
     def _downscale(self, image: np.ndarray) -> np.ndarray:
         """Unchanged: the official extractor pre-resizes to `resize_max` itself."""
-        return image
+        return image if self.trained is None else super()._downscale(image)
 
-    def _extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _extract(self, image: np.ndarray) -> tuple[Any, Any, Any]:
+        if self.trained is not None:
+            c = self.conf
+            return trained.local_features(
+                self.trained, image, c.pyramid, c.max_keypoints, c.score_threshold, self.device
+            )
         feats = official.extract(self.net, image, self.settings, want_global=False)
         local = to_local_features(feats, (image.shape[1], image.shape[0]))
         return local.keypoints, local.scores, local.descriptors

@@ -38,7 +38,8 @@ Chum, ECCV 2020; github.com/gtolias/how), which MDA builds on. Choices, in netwo
    top-left pixel at (0, 0). Scales that leave the shorter side under 16 px (one cell) are
    skipped; HOW never meets such small images.
 
-Not implemented (training only): the per-head contrastive loss, the Hellinger diversity term, ASMK.
+Training: retrieval.training.mda (`retr train local mda`: per-head classification loss and a
+Hellinger attention-diversity term) writes checkpoints in this layout. Not implemented: ASMK.
 Licence: MIT (authors' repository). No official weights exist; a trained checkpoint carries the
 licence its trainer gives it (ImageNet-initialised backbones inherit ImageNet's terms).
 """

@@ -198,13 +198,20 @@ class Catalog:
 
     def get(self, ids: Iterable[int]) -> dict[int, ImageRecord]:
         """Records of `ids` (missing ones left out), looked up in batches."""
-        wanted = sorted({int(i) for i in ids})
-        out: dict[int, ImageRecord] = {}
+        return {r.id: r for r in self._lookup(ImageRecord.id, {int(i) for i in ids})}
+
+    def by_paths(self, paths: Iterable[str]) -> dict[str, ImageRecord]:
+        """Records of `paths` (missing ones left out), looked up in batches."""
+        return {r.path: r for r in self._lookup(ImageRecord.path, set(paths))}
+
+    def _lookup(self, column: Any, values: set[Any]) -> list[ImageRecord]:
+        """Rows whose `column` is one of `values`, LOOKUP_BATCH values per query."""
+        wanted = sorted(values)
+        out: list[ImageRecord] = []
         with self._guard("lookup"), self.session() as s:
             for start in range(0, len(wanted), LOOKUP_BATCH):
                 part = wanted[start : start + LOOKUP_BATCH]
-                rows = s.scalars(select(ImageRecord).where(ImageRecord.id.in_(part)))
-                out.update((r.id, r) for r in rows)
+                out.extend(s.scalars(select(ImageRecord).where(column.in_(part))))
         return out
 
     def with_status(self, *statuses: Status) -> list[ImageRecord]:

@@ -150,21 +150,47 @@ class Ingester:
         self.writer = writer
         self.extractors = extractors
         writer.bind_extractors(*extractors.fingerprints, extractors.global_dim)
-        self.known: dict[str, ImageRecord] = writer.catalog.by_path()
-        with_features = [
-            r.id for r in self.known.values() if r.status in (Status.INDEXED, Status.PENDING)
-        ]
-        self.stored_sha = writer.current_sha(with_features)
-        """id -> hash of the content its stored features came from."""
+        self.known: dict[str, ImageRecord] = {}
+        """Catalog rows of the files announced with `expect`, by path."""
+        self.stored_sha: dict[int, str] = {}
+        """id -> hash of the content its stored features came from (for the ids seen)."""
         self.by_sha: dict[str, ImageRecord] = {}
-        for r in self.known.values():
-            if self.stored_sha.get(r.id) == r.sha256:
-                self.by_sha.setdefault(r.sha256, r)
+        """content -> the record holding its features: claimed in this run, or found in the
+        catalog (`_original`, asked once per content)."""
+        self._asked: set[str] = set()
+        self._dropped: set[int] = set()
+        """Ids whose stored features this run replaces or drops."""
         self._batch: list[Extracted] = []
         self._records: list[RowChange] = []
         self._batch_start = time.monotonic()
         self.ids: dict[str, int] = {}
         """Catalog path -> id of what this ingester committed."""
+
+    def expect(self, files: Sequence[FileItem]) -> None:
+        """Look up the catalog rows of `files` (batched, never the whole table) before they
+        are planned: adding a few photos to a large index reads only their rows."""
+        found = self.writer.catalog.by_paths(f.rel for f in files if f.rel not in self.known)
+        self.known.update(found)
+        with_features = [
+            r.id
+            for r in found.values()
+            if r.status in (Status.INDEXED, Status.PENDING) and r.id not in self._dropped
+        ]
+        self.stored_sha.update(self.writer.current_sha(with_features))
+
+    def _original(self, sha: str) -> ImageRecord | None:
+        """The record whose stored features hold this content, if any (the lowest id)."""
+        if sha not in self.by_sha and sha not in self._asked:
+            self._asked.add(sha)
+            rows = self.writer.catalog.find_by_hash(sha, (Status.INDEXED, Status.PENDING))
+            rows = [r for r in rows if r.id not in self._dropped]
+            stored = self.writer.current_sha([r.id for r in rows])
+            for r in rows:
+                if stored.get(r.id) == sha:
+                    self.stored_sha[r.id] = sha
+                    self.by_sha[sha] = self.known.get(r.path, r)
+                    break
+        return self.by_sha.get(sha)
 
     def unchanged(self, rec: ImageRecord | None, sha: str) -> bool:
         return rec is not None and rec.sha256 == sha and self.stored_sha.get(rec.id) == sha
@@ -187,7 +213,7 @@ class Ingester:
             if rec.label != item.label:
                 self.writer.catalog.set_label(rec.id, item.label)
             return Outcome(item.rel, "unchanged", id=rec.id)
-        original = self.by_sha.get(sha)
+        original = self._original(sha)
         if original is not None and original.path != item.rel:
             if original.id is None or not (item.label and not original.label):
                 return self._record(
@@ -230,6 +256,7 @@ class Ingester:
         """The stored features of `rec_id` are being replaced or dropped."""
         if rec_id is None:
             return
+        self._dropped.add(rec_id)
         old = self.stored_sha.pop(rec_id, None)
         if old is not None and self.by_sha.get(old) is not None and self.by_sha[old].id == rec_id:
             del self.by_sha[old]
@@ -304,6 +331,7 @@ def ingest_files(
     """Ingest every file (labelled ones first, so a labelled copy is the one indexed) and
     commit the last batch."""
     order = sorted(files, key=lambda f: (f.label is None, f.rel))
+    ingester.expect(order)
     report = IngestReport()
     if progress:
         progress(0, len(order), "")

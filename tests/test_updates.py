@@ -176,3 +176,25 @@ def test_index_type_switch_on_build_and_hnsw_removal_uses_tombstones(
     assert set(_consistent(idx)) == set(before) - {victim}
     hits = Retriever.open(idx).search(SACRE[0], k=10, rerank=False).matches
     assert victim not in {m.id for m in hits} and len(hits) == len(before) - 1
+
+
+def test_add_reads_only_the_rows_it_needs(
+    fresh: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An add looks up its own files' rows and its contents' hashes, never the whole catalog,
+    and still finds a copy of an image indexed earlier."""
+    corpus, idx = fresh
+    before = _consistent(idx)
+
+    def whole_table(self: Catalog) -> None:
+        raise AssertionError("an add read the whole catalog")
+
+    monkeypatch.setattr(Catalog, "all", whole_table)
+    copy = tmp_path / "copies" / "copy.jpg"
+    copy.parent.mkdir()
+    shutil.copy(SACRE[0], copy)
+    report = add_images(idx, [copy, corpus / "sacre_coeur" / SACRE[1].name])
+    assert not report.added and report.unchanged == 1
+    assert report.duplicates == [(copy.as_posix(), f"same content as sacre_coeur/{SACRE[0].name}")]
+    monkeypatch.undo()
+    assert _consistent(idx) == before

@@ -17,6 +17,14 @@ DATA = SHARED / "data"
 os.environ.setdefault("RETR_OFFLINE", "1")
 
 
+def system_package_missing(what: str, fix: str) -> None:
+    """A test needs a system program (Debian package) that is absent: skip it, or fail when
+    RETR_REQUIRE_SYSTEM=1 (.ci/run sets it after installing them, so CI never skips these)."""
+    if os.environ.get("RETR_REQUIRE_SYSTEM") == "1":
+        pytest.fail(f"{what} is not installed ({fix}) and RETR_REQUIRE_SYSTEM=1", pytrace=False)
+    pytest.skip(f"{what} is not installed ({fix})", allow_module_level=True)
+
+
 def fixture_dir(method: str) -> Path:
     """../shared/fixtures/<method>; the test fails (not skips) when the shared folder is missing."""
     path = FIXTURES / method
@@ -41,12 +49,12 @@ def served_index(tmp_path_factory: pytest.TempPathFactory) -> Any:
 @pytest.fixture(scope="session")
 def postgres() -> Any:
     """A PostgreSQL server on a loopback port for the whole session (tests/postgres.py);
-    skipped only when PostgreSQL's server programs are not installed."""
+    skipped only when PostgreSQL's server programs are not installed (failed in CI)."""
     from tests.postgres import PostgresServer, server_binaries
 
     bindir = server_binaries()
     if bindir is None:
-        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+        system_package_missing("PostgreSQL", "Debian: apt-get install postgresql")
     server = PostgresServer(bindir)
     server.init()
     server.start()

@@ -4,7 +4,7 @@ and sees the landmark, the results grid and a match picture; then the index view
 go to the test's folder and, when RETR_SCREENSHOTS names a folder, there too.
 
 .ci/run installs chromium and chromium-driver, so in CI this test runs; elsewhere it is skipped
-when they are missing, unless RETR_REQUIRE_BROWSER=1 (then it fails).
+when they are missing, unless RETR_REQUIRE_SYSTEM=1 (then it fails; tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import system_package_missing
 from tests.serving import BROKEN, QUERY, Served, live_server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -23,11 +24,7 @@ CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 WAIT = 180  # seconds: a search on a loaded 2-core machine, with model warm-up
 
 if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
-    if os.environ.get("RETR_REQUIRE_BROWSER") == "1":
-        raise RuntimeError(
-            f"{CHROMIUM} or {CHROMEDRIVER} missing: apt-get install chromium chromium-driver"
-        )
-    pytest.skip("Debian's chromium and chromium-driver are not installed", allow_module_level=True)
+    system_package_missing("Chromium or its driver", "apt-get install chromium chromium-driver")
 
 from selenium import webdriver  # noqa: E402 -- only once the browser is known to be there
 from selenium.webdriver.chrome.service import Service  # noqa: E402

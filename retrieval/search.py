@@ -122,10 +122,11 @@ def search(
     desc = snapshot.whitening.apply(described.descriptor)
     needed = max(conf.k, conf.vote_top) + len(exclude)
     depth = max(needed, conf.shortlist + len(exclude)) if conf.rerank else needed
-    scores, ids = _refiner(snapshot, catalog, conf, exclude).ranking(desc, depth)
+    excluded = _excluded(catalog, exclude)
+    scores, ids = _refiner(snapshot, conf, excluded).ranking(desc, depth)
     timings.add("faiss", time.perf_counter() - t0)
-    cands = [Candidate(int(i), float(s)) for s, i in zip(scores, ids, strict=True)]
-    cands = _without(catalog, cands, exclude)
+    keep = ~excluded(ids)
+    cands = [Candidate(int(i), float(s)) for s, i in zip(scores[keep], ids[keep], strict=True)]
     plan = ""
     if conf.rerank and cands:
         assert described.local is not None, "rerank needs the query's local features"
@@ -157,34 +158,25 @@ def search(
     )
 
 
-def _refiner(
-    snapshot: IndexSnapshot, catalog: Catalog, conf: SearchConf, exclude: Collection[str]
-) -> Refiner:
+def _refiner(snapshot: IndexSnapshot, conf: SearchConf, excluded: ExcludedFn) -> Refiner:
     """The global ranking of one search, with αQE / DBA when asked (retrieval.expansion)."""
 
     def vectors(ids: np.ndarray) -> np.ndarray:
         return snapshot.whitening.apply(snapshot.store.global_descriptors(ids))
 
     expansion = Expansion(conf.qe, conf.qe_alpha, conf.dba, conf.dba_alpha)
-    return Refiner(expansion, snapshot.vectors.search, vectors, _excluded(catalog, exclude))
+    return Refiner(expansion, snapshot.vectors.search, vectors, excluded)
 
 
 def _excluded(catalog: Catalog, exclude: Collection[str]) -> ExcludedFn:
+    """Which ids are excluded: the catalog ids of the `exclude` paths, looked up once per
+    search (and not at all when nothing is excluded)."""
+    gone = np.array(sorted(r.id for r in catalog.by_paths(exclude).values()) if exclude else [])
+
     def excluded(ids: np.ndarray) -> np.ndarray:
-        if not exclude:
-            return np.zeros(len(ids), bool)
-        records = catalog.get(int(i) for i in ids)
-        return np.array([int(i) not in records or records[int(i)].path in exclude for i in ids])
+        return np.isin(ids, gone)
 
     return excluded
-
-
-def _without(catalog: Catalog, cands: list[Candidate], exclude: Collection[str]) -> list[Candidate]:
-    """The candidates that are not excluded (the catalog is read only when some are)."""
-    if not exclude or not cands:
-        return cands
-    gone = _excluded(catalog, exclude)(np.array([c.id for c in cands]))
-    return [c for c, g in zip(cands, gone, strict=True) if not g]
 
 
 def _matches(catalog: Catalog, cands: list[Candidate]) -> list[Match]:

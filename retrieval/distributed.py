@@ -58,6 +58,9 @@ IMAGES_PER_CALL = 4
 """Images sent to an actor in one call (amortises the call; small enough to keep actors busy)."""
 CALLS_PER_ACTOR = 2
 """Calls in flight per actor: one running, one queued."""
+GCS_PORT_WAIT_S = 120
+"""Seconds a local Ray start waits for its GCS server (Ray's default: 30; env
+RAY_gcs_server_port_wait_time_s overrides both)."""
 
 
 def require_ray() -> None:
@@ -80,6 +83,9 @@ def connect(address: str, num_cpus: int | None = None) -> tuple[bool, float]:
     if ray.is_initialized():
         return False, 0.0
     start = time.perf_counter()
+    # A local start on a busy machine: Ray's GCS server may take over its default 30 s to
+    # publish its port (seen with 2 cores under load); wait longer rather than fail the build.
+    os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_PORT_WAIT_S))
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     try:
         if address == "auto":

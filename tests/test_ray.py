@@ -25,6 +25,7 @@ from index.store import FeatureStore
 from index.writer import IndexWriter
 from retrieval import Retriever
 from retrieval.building import build_index, corpus_items
+from retrieval.distributed import connect, disconnect
 from retrieval.ingest import Ingester, ingest_files
 from tests.corpus import MINI, TINY_OPTIONS, tiny
 
@@ -38,9 +39,9 @@ RETR = Path(sys.executable).parent / "retr"
 @pytest.fixture(scope="module")
 def runtime():
     """One local Ray runtime for the module (builds join it instead of starting their own)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect("auto", num_cpus=2)
     yield
-    ray.shutdown()
+    disconnect()
 
 
 def _corpus(root: Path, bad: bool = False) -> Path:

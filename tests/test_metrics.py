@@ -23,6 +23,7 @@ from retrieval.evaluation.metrics import (
     revisited_metrics,
     score_query,
 )
+from retrieval.evaluation.planar import best_case_error
 
 
 def rel(positives: str, junk: str = "") -> Relevance:
@@ -213,3 +214,16 @@ def test_recognition_accuracy_ignores_non_landmark_queries() -> None:
     solution = {"q1": {"A"}, "q2": {"B"}, "q3": set()}
     preds = {"q1": Prediction("A", 0.1), "q2": None, "q3": Prediction("A", 0.9)}
     assert recognition_accuracy(preds, solution) == 0.5
+
+
+def test_best_case_error_fits_only_the_matches_the_ground_truth_keeps() -> None:
+    """Exact matches plus gross outliers: the fit ignores the outliers and recovers H; fewer
+    than 4 matches within reach of the ground truth give None."""
+    H = np.array([[1.1, 0.02, 5.0], [-0.01, 0.95, 7.0], [1e-5, 2e-5, 1.0]])
+    rng = np.random.default_rng(0)
+    pts0 = rng.uniform(0, 600, (40, 2))
+    mapped = np.hstack([pts0, np.ones((40, 1))]) @ H.T
+    pts1 = mapped[:, :2] / mapped[:, 2:]
+    pts1[30:] += 80.0  # outliers
+    assert best_case_error(pts0, pts1, H, (640, 480)) == pytest.approx(0.0, abs=1e-3)
+    assert best_case_error(pts0[27:], pts1[27:], H, (640, 480)) is None

@@ -4,6 +4,7 @@
 `estimate_homography` runs the reranker's matcher and verifier on two images' local features,
 and `corner_error` scores an estimated homography the usual way (HPatches, LightGlue): the mean
 distance between the image corners mapped by the estimate and by the ground truth.
+`best_case_error` bounds what any robust fit could reach from a set of matches.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from features.types import LocalFeatures
@@ -68,3 +70,18 @@ def estimate_homography(
     matches = mutual_nn(f0.descriptors, f1.descriptors)
     result = verify(f0.keypoints[matches[:, 0]], f1.keypoints[matches[:, 1]], conf)
     return len(matches), result.inliers, result.model if result.success else None
+
+
+def best_case_error(
+    pts0: np.ndarray, pts1: np.ndarray, H_gt: np.ndarray, size_a: tuple[int, int], px: float = 4.0
+) -> float | None:
+    """Corner error of the homography fitted (least squares) to the matches (K, 2) -> (K, 2)
+    that lie within `px` of the ground truth: roughly the best a RANSAC on these matches could
+    do. None when fewer than 4 matches qualify. Where this is far above the error wanted, the
+    matches (where they lie, how precisely) are what limits the estimate, not the RANSAC."""
+    mapped = np.hstack([pts0, np.ones((len(pts0), 1))]) @ H_gt.T
+    close = np.linalg.norm(mapped[:, :2] / mapped[:, 2:] - pts1, axis=1) < px
+    if close.sum() < 4:
+        return None
+    H, _ = cv2.findHomography(pts0[close].astype(np.float64), pts1[close].astype(np.float64), 0)
+    return None if H is None else corner_error(H, H_gt, size_a)

@@ -379,6 +379,8 @@ def query(
     ),
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global ranking only.")] = False,
     matcher: Annotated[str | None, typer.Option(help=_search_help("matcher"))] = None,
+    qe: Annotated[int, typer.Option(help=_search_help("qe"))] = field_default(SearchConf, "qe"),
+    dba: Annotated[int, typer.Option(help=_search_help("dba"))] = field_default(SearchConf, "dba"),
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     show: Annotated[
         Path | None,
@@ -393,7 +395,14 @@ def query(
 
     results = []
     with cli_errors():
-        values = {"k": k, "shortlist": shortlist, "rerank": not no_rerank, "matcher": matcher}
+        values = {
+            "k": k,
+            "shortlist": shortlist,
+            "rerank": not no_rerank,
+            "matcher": matcher,
+            "qe": qe,
+            "dba": dba,
+        }
         conf = parse_conf(SearchConf, values, "query options")
         retriever = Retriever.open(index, db=db, device=device)
         for image in images:

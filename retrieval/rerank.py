@@ -3,9 +3,10 @@
 `rerank` loads the shortlist's features in one call and runs the plan its `matcher` names
 (retrieval.matchers.registry): one matcher over the whole shortlist, or the two-stage
 "mnn+lightglue", where LightGlue re-scores the best `lightglue_top` candidates of the mutual-NN
-stage. Each matcher has its own verification rule (RANSAC settings, fewest inliers; LightGlue
-also its match-confidence filter), chosen on positive and negative pairs
-(scripts/bench_verification.py, docs/results.md).
+stage, unless mutual NN settled the query (`settled_inliers`). Each matcher has its own
+verification rule (RANSAC settings, fewest inliers; LightGlue also its match-confidence
+filter), chosen on positive and negative pairs (scripts/bench_verification.py,
+docs/results.md).
 
 Mutual NN matches chunks of candidates with one matrix product each (on the GPU when a CUDA
 device is given) and verifies their pairs, chunks spread over a thread pool; LightGlue runs
@@ -38,13 +39,20 @@ from retrieval.matchers.lightglue import LightGlueConf
 from retrieval.matchers.mnn import MNNConf
 from retrieval.verification import RansacConf, Verification, default_workers, verify
 
-LIGHTGLUE_KEYPOINTS = 512
-"""Keypoints per image in the LightGlue stage. Measured CPU cost per pair (one thread, adaptive
-depth): 93 ms at 256, about 200 ms at 512, 520-750 ms at 1024 (docs/results.md)."""
-LIGHTGLUE_TOP = 4
-"""Two-stage plan: candidates LightGlue re-scores. Measured on the 2-core CPU: each LightGlue
-pair adds about 260 ms of CPU to a 2.4 s mutual-NN query, so M = 4 keeps the end-to-end latency
-within 1.5x mutual NN's (1.33x), and it ranked best of M = 3, 4, 5 (docs/results.md)."""
+LIGHTGLUE_KEYPOINTS = 1024
+"""Keypoints per image in the LightGlue stage (all 1024 that DISK stores by default). On the
+leave-one-out queries of landmarks-mini, 1024 instead of 512 raised the two-stage plan's wxbs
+mAP by 3-4 points; a pair costs about 2.5x as much, which the settled-query gate pays for
+(docs/results.md)."""
+LIGHTGLUE_TOP = 6
+"""Two-stage plan: candidates LightGlue may re-score. Best leave-one-out mAP of M = 4, 5, 6, 8,
+10 at 1024 keypoints (M = 8 ties at more pairs; docs/results.md)."""
+SETTLED_INLIERS = 30
+"""Two-stage plan: a query whose best mutual-NN candidate has this many inliers is settled and
+skips LightGlue, and LightGlue stops at the first candidate it verifies with this many. With
+M = 6 on the leave-one-out queries, LightGlue then runs 1.4 pairs a query instead of 6 at the
+same mAP: it runs where mutual NN failed (the wide-baseline queries), and stops once it has
+found the match (docs/results.md)."""
 
 
 class RerankConf(StrictConf):
@@ -66,18 +74,26 @@ class RerankConf(StrictConf):
         max_keypoints=LIGHTGLUE_KEYPOINTS, filter_threshold=0.7
     )
     """LightGlue's network settings and its match-confidence filter. The rule (filter 0.7,
-    fundamental matrix at 4 px, >= 13 inliers) is the one with the highest true-positive rate
-    at <= 1% false positives on 668 positive and 668 negative pairs of ../shared/data
+    fundamental matrix at 4 px) has the highest true-positive rate at <= 1% false positives
+    on 668 positive and 668 negative pairs of ../shared/data, at 512 and at 1024 keypoints
     (scripts/bench_verification.py, docs/results.md): a lower filter lets unrelated pairs
-    reach up to 85 inliers, and a homography loses the wide-baseline pairs whose scene is not
+    reach up to 100 inliers, and a homography loses the wide-baseline pairs whose scene is not
     a plane."""
     lightglue_min_inliers: int = Field(default=13, ge=1)
-    """Fewest RANSAC inliers of LightGlue's matches for a candidate to count as verified."""
+    """Fewest RANSAC inliers of LightGlue's matches for a candidate to count as verified. At
+    1024 keypoints: 0.3% false positives, 67% true positives (10 would verify 72% at 0.9%,
+    with the same leave-one-out ranking, so the safer 13 stays)."""
     lightglue_ransac: RansacConf = RansacConf(model="fundamental", threshold=4.0)
     """RANSAC on LightGlue's matches."""
     lightglue_top: int = Field(default=LIGHTGLUE_TOP, ge=1)
     """Two-stage plan ("mnn+lightglue"): candidates LightGlue re-scores, the best of the
     mutual-NN stage."""
+    settled_inliers: int | None = Field(default=SETTLED_INLIERS, ge=1)
+    """Two-stage plan: when the first stage's best candidate has at least this many inliers,
+    the query is settled and the second stage does not run (None: it always runs)."""
+    settled_stops_second: bool = True
+    """Two-stage plan: the second stage re-scores its candidates one at a time and stops at the
+    first one it verifies with `settled_inliers` or more."""
 
     def rule(self, matcher: str) -> tuple[RansacConf, int]:
         """(RANSAC settings, fewest inliers) that verify `matcher`'s matches."""
@@ -150,17 +166,35 @@ def run_plan(
 
     Two stages: the second matcher re-scores the best `lightglue_top` of the first, and its
     verdict wins there; the order is then its verified candidates, the first stage's verified
-    ones below the top, and every unverified candidate in global order.
+    ones below the top, and every unverified candidate in global order. A query the first stage
+    settled (`settled_inliers`) skips the second.
     """
     first, *later = stages(plan)
     ordered = order_candidates(score(first, candidates))
-    if not later:
+    if not later or settled(ordered, conf.settled_inliers):
         return ordered
     top, rest = ordered[: conf.lightglue_top], ordered[conf.lightglue_top :]
-    rescored = order_candidates(score(later[0], top))
+    if conf.settled_stops_second and conf.settled_inliers is not None:
+        # one candidate at a time, in the first stage's order, until one settles the query;
+        # the candidates left keep the first stage's verdict
+        done: list[Candidate] = []
+        while top and not settled(done[-1:], conf.settled_inliers):
+            done += score(later[0], top[:1])
+            top = top[1:]
+        top, rest = done, top + rest
+        rescored = order_candidates(top)
+    else:
+        rescored = order_candidates(score(later[0], top))
     unverified = [c for c in rescored + rest if not c.verified]
     unverified.sort(key=lambda c: -c.global_score)
     return [c for c in rescored if c.verified] + [c for c in rest if c.verified] + unverified
+
+
+def settled(ordered: list[Candidate], least: int | None) -> bool:
+    """Whether the best of `ordered` candidates verified with at least `least` inliers."""
+    return (
+        least is not None and bool(ordered) and ordered[0].verified and ordered[0].inliers >= least
+    )
 
 
 def _scored(

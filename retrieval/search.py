@@ -45,12 +45,14 @@ class SearchConf(StrictConf):
     """Matching and verification of the reranked candidates."""
     matcher: str | None = None
     """Matcher of the rerank: auto, mnn, lightglue or mnn+lightglue (None: the index's)."""
-    qe: int = Field(default=0, ge=0)
-    """αQE: expand the query with its best n database neighbours and search again (0: off)."""
+    qe: int = Field(default=5, ge=0)
+    """αQE: expand the query with its best n database neighbours and search again (0: off;
+    default 5, chosen on `retr eval mini --queries all`: docs/results.md)."""
     qe_alpha: float = Field(default=3.0, ge=0)
     """αQE weight exponent."""
-    dba: int = Field(default=0, ge=0)
-    """DBA: rank by database descriptors averaged with their n nearest neighbours (0: off)."""
+    dba: int = Field(default=3, ge=0)
+    """DBA: rank by database descriptors averaged with their n nearest neighbours (0: off;
+    default 3, chosen with qe)."""
     dba_alpha: float = Field(default=3.0, ge=0)
     """DBA weight exponent."""
 

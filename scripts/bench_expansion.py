@@ -25,7 +25,7 @@ console = Console(width=200)
 def variants(args: argparse.Namespace) -> dict[str, SearchConf]:
     """name -> settings: every --qe and --dba value alone, and each pair in --both."""
     out: dict[str, SearchConf] = {}
-    base = {"rerank": args.rerank, "matcher": args.matcher}
+    base = {"rerank": args.rerank, "matcher": args.matcher, "qe": 0, "dba": 0}
     settings = [{"qe": int(n)} for n in args.qe.split(",") if n]
     settings += [{"dba": int(n)} for n in args.dba.split(",") if n]
     for pair in args.both.split(",") if args.both else ():
@@ -33,7 +33,7 @@ def variants(args: argparse.Namespace) -> dict[str, SearchConf]:
         settings.append({"qe": int(qe), "dba": int(dba)})
     for s in settings:
         name = " ".join(f"{k}={v}" for k, v in s.items())
-        out[name] = SearchConf(**base, **s, qe_alpha=args.alpha, dba_alpha=args.alpha)
+        out[name] = SearchConf(**{**base, **s}, qe_alpha=args.alpha, dba_alpha=args.alpha)
     if args.rerank:
         out = {"rerank": SearchConf(**base), **out}
     return out

@@ -46,7 +46,12 @@ from retrieval.verification import RansacConf
 
 console = Console(width=240)
 SEARCH_KEYS = {"qe": int, "dba": int, "qe_alpha": float, "dba_alpha": float, "shortlist": int}
-RERANK_KEYS = {"top": ("lightglue_top", int), "lg_min": ("lightglue_min_inliers", int)}
+RERANK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "top": ("lightglue_top", int),
+    "lg_min": ("lightglue_min_inliers", int),
+    "settled": ("settled_inliers", int),
+    "stop": ("settled_stops_second", lambda v: bool(int(v))),
+}
 
 
 def variant(spec: str) -> tuple[str, SearchConf]:
@@ -99,6 +104,10 @@ def subset(dataset: Dataset, kinds: set[str], every: int) -> Dataset:
     return replace(dataset, queries=queries, notes=notes)
 
 
+PAIRS: dict[str, int] = {}
+"""Pairs each matcher was asked to match in this run (cached or not): the cost of a variant."""
+
+
 def cache_matches(path: Path, more: Sequence[Path] = ()) -> dict[bytes, Matches]:
     """Make every LightGlue and mutual-NN matcher of this process look its pairs up in (and
     add them to) the returned dict, loaded from `path` when it exists and from the `more`
@@ -122,6 +131,7 @@ def cache_matches(path: Path, more: Sequence[Path] = ()) -> dict[bytes, Matches]
         def match_many(
             self: Matcher, query: LocalFeatures, candidates: Sequence[LocalFeatures]
         ) -> list[Matches]:
+            PAIRS[self.name] = PAIRS.get(self.name, 0) + len(candidates)
             conf = unfiltered(self)
             keys = [key(repr(conf), query, c) for c in candidates]
             todo = [i for i, k in enumerate(keys) if k not in memo]
@@ -193,6 +203,8 @@ def main() -> None:
         save()
     if memo is not None:
         console.print(f"LightGlue cache: {len(memo)} pairs in {args.cache}")
+        asked = ", ".join(f"{m} {n / max(len(dataset.queries), 1):.2f}" for m, n in PAIRS.items())
+        console.print(f"pairs matched per query, all variants together: {asked}")
     console.print(format_table(result))
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)

@@ -208,12 +208,18 @@ def encodings(dataset: Dataset, args: argparse.Namespace) -> None:
 def matchers(retriever: Retriever, dataset: Dataset, args: argparse.Namespace) -> None:
     """Per plan: ms per query and per pair of each matcher; then end-to-end latency."""
     plans = args.matchers.split(",")
-    conf = RerankConf(workers=args.workers, lightglue_top=args.lightglue_top)
+    # every query runs every stage here (no settled-query gate), so that costs are per pair
+    conf = RerankConf(workers=args.workers, settled_inliers=None, **top_option(args))
     many = retriever.local_features
     per_query: dict[str, list[float]] = {p: [] for p in plans}
     cpu: dict[str, list[float]] = {p: [] for p in plans}
     stage_sum: dict[str, Timings] = {p: Timings() for p in plans}
-    queries = dataset.queries[: args.matcher_queries]
+    # spread over the dataset's order (landmarks-mini "all": every kind)
+    step = max(1, len(dataset.queries) // args.matcher_queries)
+    queries = dataset.queries[::step][: args.matcher_queries]
+    if args.e2e_only:
+        end_to_end(retriever, queries, args)
+        return
     for n, q in enumerate(queries):
         cands = shortlist(retriever, q.path, args.shortlist, itself(q, args))
         query = retriever.extractors.local.extract(q.path)
@@ -231,9 +237,6 @@ def matchers(retriever: Retriever, dataset: Dataset, args: argparse.Namespace) -
                     for k, v in t.stages.items():
                         stage_sum[plan].add(k, v)
         console.print(f"  query {n + 1}/{len(queries)}", end="\r")
-    if args.e2e_only:
-        end_to_end(retriever, queries, args)
-        return
     table = Table(title=f"rerank plans, shortlist {args.shortlist}, {len(queries)} queries (ms)")
     cols = ("plan", "per query", "CPU per query", "stages per query", "pairs / query")
     for col in (*cols, "ms per pair"):
@@ -264,36 +267,53 @@ def itself(query: Query, args: argparse.Namespace) -> set[str]:
     return {query.path.relative_to(args.data).as_posix()} | set(query.junk)
 
 
+def top_option(args: argparse.Namespace) -> dict[str, int]:
+    """--lightglue-top as a RerankConf setting, or nothing (the default M)."""
+    return {} if args.lightglue_top is None else {"lightglue_top": args.lightglue_top}
+
+
 def end_to_end(retriever: Retriever, queries: tuple, args: argparse.Namespace) -> None:
-    """Full searches (extraction included) of --default against --baseline, alternating: wall
-    and CPU time (all threads) per query. On a shared machine the CPU ratio is the steadier."""
-    plans = (args.default, args.baseline)
-    wall: dict[str, list[float]] = {p: [] for p in plans}
-    cpu: dict[str, list[float]] = {p: [] for p in plans}
+    """Full searches (extraction included) with the default settings and --default's plan
+    against the baseline (--baseline's plan without αQE / DBA: the defaults before issue 12),
+    alternating: wall and CPU time (all threads) per query, mean and per query kind. On a
+    shared machine the CPU ratio is the steadier."""
+    runs = {
+        "default": {"matcher": args.default, "rerank_conf": RerankConf(**top_option(args))},
+        "baseline": {"matcher": args.baseline, "qe": 0, "dba": 0},
+    }
+    wall: dict[str, list[float]] = {r: [] for r in runs}
+    cpu: dict[str, list[float]] = {r: [] for r in runs}
     extraction: list[float] = []
-    rerank_conf = RerankConf(lightglue_top=args.lightglue_top)
     for n, q in enumerate(queries):
-        for plan in plans if n % 2 == 0 else plans[::-1]:
+        for run in runs if n % 2 == 0 else list(runs)[::-1]:
             start, start_cpu = time.perf_counter(), time.process_time()
             result = retriever.search(
-                q.path,
-                matcher=plan,
-                shortlist=args.shortlist,
-                exclude=itself(q, args),
-                rerank_conf=rerank_conf,
+                q.path, shortlist=args.shortlist, exclude=itself(q, args), **runs[run]
             )
-            wall[plan].append(time.perf_counter() - start)
-            cpu[plan].append(time.process_time() - start_cpu)
-            if plan == args.baseline:
+            wall[run].append(time.perf_counter() - start)
+            cpu[run].append(time.process_time() - start_cpu)
+            if run == "baseline":
                 extraction.append(sum(v for k, v in result.timings.items() if k in EXTRACTION))
-    wa, wb = (sum(wall[p]) / len(queries) for p in plans)
-    ca, cb = (sum(cpu[p]) / len(queries) for p in plans)
-    ext = sum(extraction) / len(queries)
+    table = Table(title=f"end to end per query (ms): {args.default} vs {args.baseline}")
+    for col in ("queries", "n", "default wall / CPU", "baseline wall / CPU", "ratio wall / CPU"):
+        table.add_column(col, justify="right")
+    kinds = sorted({q.kind for q in queries if q.kind})
+    for kind in ["all", *kinds] if len(kinds) > 1 else ["all"]:
+        rows = [i for i, q in enumerate(queries) if kind in ("all", q.kind)]
+        wa, wb, ca, cb = (
+            statistics.mean(series[i] for i in rows)
+            for series in (wall["default"], wall["baseline"], cpu["default"], cpu["baseline"])
+        )
+        table.add_row(
+            kind, str(len(rows)), f"{1e3 * wa:.0f} / {1e3 * ca:.0f}",
+            f"{1e3 * wb:.0f} / {1e3 * cb:.0f}", f"{wa / wb:.2f}x / {ca / cb:.2f}x",
+        )  # fmt: skip
+    console.print(table)
+    worst = max(range(len(queries)), key=lambda i: cpu["default"][i] / cpu["baseline"][i])
     console.print(
-        f"end to end per query ({len(queries)} queries): {args.default} {1e3 * wa:.0f} ms wall / "
-        f"{1e3 * ca:.0f} ms CPU, {args.baseline} {1e3 * wb:.0f} ms wall / {1e3 * cb:.0f} ms CPU "
-        f"(extraction {1e3 * ext:.0f} ms wall); ratio {wa / wb:.2f}x wall, {ca / cb:.2f}x CPU; "
-        f"load average {os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}"
+        f"extraction {1e3 * statistics.mean(extraction):.0f} ms wall a query; the costliest "
+        f"query: {cpu['default'][worst] / cpu['baseline'][worst]:.2f}x CPU; load average "
+        f"{os.getloadavg()[0]:.1f}, torch threads {torch.get_num_threads()}"
     )
 
 
@@ -356,7 +376,7 @@ def main() -> None:
     parser.add_argument("--matcher-queries", type=int, default=8, help="queries timed")
     parser.add_argument("--default", default="auto", help="end to end: the plan timed...")
     parser.add_argument("--baseline", default="mnn", help="...against this one")
-    parser.add_argument("--lightglue-top", type=int, default=RerankConf().lightglue_top)
+    parser.add_argument("--lightglue-top", type=int, default=None, help="(default: RerankConf's)")
     parser.add_argument("--e2e-only", action="store_true", help="with --matchers: no plan table")
     parser.add_argument("--lightglue-sweep", action="store_true")
     parser.add_argument("--sweep-pairs", type=int, default=16)

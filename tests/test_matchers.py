@@ -125,7 +125,7 @@ def test_two_stage_plan_lets_the_second_matcher_decide_the_top() -> None:
         n = verdicts[name]
         return [Candidate(c.id, c.global_score, n[c.id], n[c.id] >= least, name) for c in some]
 
-    conf = RerankConf(lightglue_top=3)
+    conf = RerankConf(lightglue_top=3, settled_inliers=None)
     got = run_plan(cands, score, conf, "mnn+lightglue")
     # mnn order: 4 (40), 1 (30), 3 (20), 5 (13), then 0, 2; LightGlue re-scores 4, 1, 3
     assert [(c.id, c.matcher) for c in got] == [
@@ -139,11 +139,47 @@ def test_two_stage_plan_lets_the_second_matcher_decide_the_top() -> None:
     assert [c.id for c in run_plan(cands, score, conf, "lightglue")] == [4, 5, 0, 3, 1, 2]
 
 
+@pytest.mark.parametrize("best", [29, 30, 45])
+def test_a_query_the_first_stage_settled_skips_the_second(best: int) -> None:
+    cands = [Candidate(i, 1.0 - 0.1 * i) for i in range(6)]
+    asked: dict[str, list[int]] = {"mnn": [], "lightglue": []}
+    second = {0: 50, 1: 20, 2: 14, 3: 60, 4: 0, 5: 0}
+
+    def score(name: str, some: list[Candidate]) -> list[Candidate]:
+        asked[name] += [c.id for c in some]
+        n = {0: 5, 1: 12, 2: best, 3: 0, 4: 0, 5: 0} if name == "mnn" else second
+        return [Candidate(c.id, c.global_score, n[c.id], n[c.id] >= 12, name) for c in some]
+
+    # mutual NN order: 2 (best), 1 (12), then 0, 3, 4, 5 by global score
+    conf = RerankConf(lightglue_top=4, settled_inliers=30, settled_stops_second=False)
+    got = run_plan(cands, score, conf, "mnn+lightglue")
+    if best >= 30:  # mutual NN verified its best candidate with 30 inliers or more: settled
+        assert asked["lightglue"] == [] and [c.id for c in got][:2] == [2, 1]
+        return
+    assert asked["lightglue"] == [2, 1, 0, 3]  # LightGlue re-scores the best four
+    assert [(c.id, c.matcher) for c in got[:4]] == [
+        (3, "lightglue"), (0, "lightglue"), (1, "lightglue"), (2, "lightglue")
+    ]  # fmt: skip
+    # stopping at the first candidate LightGlue settles: 2 (14), 1 (20), 0 (50) and no more
+    asked["lightglue"] = []
+    stops = run_plan(
+        cands, score, conf.model_copy(update={"settled_stops_second": True}), "mnn+lightglue"
+    )
+    assert asked["lightglue"] == [2, 1, 0]
+    assert [(c.id, c.matcher) for c in stops[:4]] == [
+        (0, "lightglue"), (1, "lightglue"), (2, "lightglue"), (3, "mnn")
+    ]  # fmt: skip
+    asked["lightglue"] = []
+    always = conf.model_copy(update={"settled_inliers": None})
+    assert [c.id for c in run_plan(cands, score, always, "mnn+lightglue")] == [c.id for c in got]
+    assert asked["lightglue"] == [2, 1, 0, 3]
+
+
 @pytest.mark.parametrize("plan", ["lightglue", "mnn+lightglue"])
 def test_batched_rerank_equals_sequential_with_lightglue(scene, plan: str) -> None:
     query, feats = scene
     cands = [Candidate(i, 1.0 - 0.01 * n) for n, i in enumerate(feats)]
-    conf = RerankConf(lightglue=CHEAP_LG, lightglue_top=4)
+    conf = RerankConf(lightglue=CHEAP_LG, lightglue_top=4, settled_inliers=None)
     got = rerank(query, cands, lambda ids: [feats[i] for i in ids], conf, matcher=plan)
     want = rerank_sequential(query, cands, feats.__getitem__, conf, matcher=plan)
     assert [c.id for c in got if c.verified] == [c.id for c in want if c.verified]
@@ -205,7 +241,10 @@ def _query(row_group: str = "tower_bridge") -> Path:
 def test_search_runs_the_chosen_matcher_and_says_which(retriever: Retriever) -> None:
     image = _query()
     assert retriever.config.matcher == "auto"
-    cheap = RerankConf(lightglue=CHEAP_LG, lightglue_top=2)
+    # the query is in the index: mutual NN settles it, and LightGlue does not run by default
+    settled = retriever.search(image, rerank_conf=RerankConf(lightglue=CHEAP_LG))
+    assert settled.matcher == "mnn+lightglue" and {m.matcher for m in settled.matches} == {"mnn"}
+    cheap = RerankConf(lightglue=CHEAP_LG, lightglue_top=2, settled_inliers=None)
     default = retriever.search(image, rerank_conf=cheap)
     assert default.matcher == "mnn+lightglue"  # auto on a CPU with DISK
     assert [m.matcher for m in default.matches[:2]] == ["lightglue"] * 2
@@ -222,6 +261,26 @@ def test_search_runs_the_chosen_matcher_and_says_which(retriever: Retriever) -> 
     left = retriever.search(image, exclude={path}, rerank_conf=cheap)
     assert path not in {m.path for m in left.matches}
     assert all(m.matcher == "lightglue" for m in left.matches[:2])
+
+
+def test_expansion_is_on_by_default_and_the_cli_turns_it_off(retriever: Retriever) -> None:
+    image = _query()
+    default = retriever.search(image, rerank=False, k=5)
+    on = retriever.search(image, rerank=False, k=5, qe=5, dba=3)
+    off = retriever.search(image, rerank=False, k=5, qe=0, dba=0)
+    assert [(m.id, m.global_score) for m in default.matches] == [
+        (m.id, m.global_score) for m in on.matches
+    ]
+    assert [m.global_score for m in default.matches] != [m.global_score for m in off.matches]
+    index = str(retriever.paths.root)
+    args = ["query", str(image), "--index", index, "--no-rerank", "-k", "5", "--json"]
+    plain = CliRunner().invoke(app, [*args, "--qe", "0", "--dba", "0"])
+    assert plain.exit_code == 0, plain.output
+    got = json.loads(plain.output)[0]["results"]
+    assert [r["id"] for r in got] == [m.id for m in off.matches]
+    np.testing.assert_allclose(
+        [r["global_score"] for r in got], [m.global_score for m in off.matches], atol=1e-6
+    )
 
 
 def test_query_cli_matcher_option(retriever: Retriever) -> None:

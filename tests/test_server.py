@@ -94,7 +94,14 @@ def test_search_options(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     "params",
-    [{"k": 0}, {"k": "many"}, {"shortlist": -1}, {"rerank": "maybe"}, {"matcher": "no-such"}],
+    [
+        {"k": 0},
+        {"k": "many"},
+        {"shortlist": -1},
+        {"rerank": "maybe"},
+        {"matcher": "no-such"},
+        {"qe": -1},
+    ],
 )
 def test_bad_search_options_are_422_in_one_line(client: TestClient, params: dict) -> None:
     r = client.post("/search", params=params, files=_upload(QUERY))

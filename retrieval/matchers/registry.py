@@ -30,12 +30,13 @@ TWO_STAGE = "mnn+lightglue"
 PLANS = (AUTO, "mnn", "lightglue", TWO_STAGE)
 AUTO_PLAN = {"cuda": "lightglue", "cpu": TWO_STAGE}
 """What "auto" runs per device when the local method has LightGlue weights (else "mnn"). On a
-CPU the two-stage plan, LightGlue on the best `RerankConf.lightglue_top` (4): measured on the
-2-core CPU, one LightGlue pair costs about 260 ms of CPU against 430 ms for the whole mutual-NN
-rerank of a query, and M = 4 is the best quality whose end-to-end latency stays within 1.5x
-mutual NN's (1.33x; leave-one-out mAP 79.3 against 77.5, wxbs 71.3 against 66.7). On a GPU,
-LightGlue over the whole shortlist in batches (chosen by design: no GPU was available to measure
-it). docs/results.md, "Learned matching"."""
+CPU the two-stage plan: mutual NN over the shortlist, then LightGlue (1024 keypoints) on the
+best `RerankConf.lightglue_top` (6) of the queries mutual NN did not settle, stopping at the
+first candidate it settles. Measured on the 2-core CPU (leave-one-out landmarks-mini): mAP 82.4
+against 77.5 for mutual NN alone without αQE / DBA, wxbs 77.0 against 66.7, at 1.35x its
+end-to-end latency (1.85x on wide-baseline queries, 1.06x on the others). On a GPU, LightGlue
+over the whole shortlist in batches (chosen by design: no GPU was available to measure it).
+docs/results.md, "Learned matching"."""
 
 
 def matcher_class(name: str) -> type[Matcher]:

@@ -52,9 +52,18 @@ def search_options(
     rerank: Annotated[bool | None, Query(description=field_help(SearchConf, "rerank"))] = None,
     shortlist: Annotated[int | None, Query(description=field_help(SearchConf, "shortlist"))] = None,
     matcher: Annotated[str | None, Query(description=field_help(SearchConf, "matcher"))] = None,
+    qe: Annotated[int | None, Query(description=field_help(SearchConf, "qe"))] = None,
+    dba: Annotated[int | None, Query(description=field_help(SearchConf, "dba"))] = None,
 ) -> SearchConf:
     """The options given (the rest keep SearchConf's defaults), checked by SearchConf."""
-    given = {"k": k, "rerank": rerank, "shortlist": shortlist, "matcher": matcher}
+    given = {
+        "k": k,
+        "rerank": rerank,
+        "shortlist": shortlist,
+        "matcher": matcher,
+        "qe": qe,
+        "dba": dba,
+    }
     return parse_conf(
         SearchConf, {name: v for name, v in given.items() if v is not None}, "search options"
     )

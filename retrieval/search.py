@@ -64,7 +64,8 @@ class SearchConf(StrictConf):
 
 @dataclass(frozen=True)
 class Match:
-    """One search result. global_score: cosine similarity of whitened global descriptors."""
+    """One search result. global_score: cosine similarity of whitened global descriptors (with
+    αQE / DBA on, as by default: of the expanded query and the image's DBA descriptor)."""
 
     id: int
     path: str

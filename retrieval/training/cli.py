@@ -111,6 +111,20 @@ def _run(
     console.print(f"wrote {report.out} (log {report.log})", highlight=False)
 
 
+def _loop_opts(
+    steps: int, batch_size: int, lr: float, seed: int, save_every: int, device: str
+) -> dict[str, Any]:
+    """The training-loop options every `retr train` model command shares."""
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "save_every": save_every,
+        "device": device,
+    }
+
+
 def _data_opts(min_images: int, classes: str | None, stream: bool) -> dict[str, Any]:
     return {
         "in_memory": not stream,
@@ -164,14 +178,7 @@ def train_global(
             },
             "train global options",
         )
-    loop = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "save_every": save_every,
-        "device": device,
-    }
+    loop = _loop_opts(steps, batch_size, lr, seed, save_every, device)
     _run("delg", data, out, conf, loop, _data_opts(min_images, classes, stream), resume, quiet)
 
 
@@ -217,14 +224,7 @@ def train_mda(
             },
             "train local mda options",
         )
-    loop = {
-        "steps": steps,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "save_every": save_every,
-        "device": device,
-    }
+    loop = _loop_opts(steps, batch_size, lr, seed, save_every, device)
     _run("mda", data, out, conf, loop, _data_opts(min_images, classes, stream), resume, quiet)
 
 

@@ -106,7 +106,8 @@ class Refiner:
         mine = np.isin(ids, usable)  # neighbours among `ids` are in `own` already: no re-read
         table = dict(zip(ids[mine].tolist(), own[mine], strict=True))
         rest = np.setdiff1d(usable, ids)
-        table.update(zip(rest.tolist(), self.vectors(rest), strict=True))
+        if len(rest):
+            table.update(zip(rest.tolist(), self.vectors(rest), strict=True))
         out = np.empty_like(own)
         for r, (i, row) in enumerate(zip(ids, near, strict=True)):
             others = [table[j] for j in row.tolist() if j in table and j != i][: self.conf.dba]

@@ -58,9 +58,11 @@ IMAGES_PER_CALL = 4
 """Images sent to an actor in one call (amortises the call; small enough to keep actors busy)."""
 CALLS_PER_ACTOR = 2
 """Calls in flight per actor: one running, one queued."""
-GCS_PORT_WAIT_S = 120
-"""Seconds a local Ray start waits for its GCS server (Ray's default: 30; env
-RAY_gcs_server_port_wait_time_s overrides both)."""
+GCS_PORT_WAIT_S = 60
+"""Seconds a local Ray start waits for its GCS server (Ray's default: 30, which a start under
+load on 2 cores once exceeded; env RAY_gcs_server_port_wait_time_s overrides both)."""
+LOCAL_START_TRIES = 2
+"""Local Ray starts made before giving up (see `connect`)."""
 
 
 def require_ray() -> None:
@@ -83,18 +85,27 @@ def connect(address: str, num_cpus: int | None = None) -> tuple[bool, float]:
     if ray.is_initialized():
         return False, 0.0
     start = time.perf_counter()
-    # A local start on a busy machine: Ray's GCS server may take over its default 30 s to
-    # publish its port (seen with 2 cores under load); wait longer rather than fail the build.
     os.environ.setdefault("RAY_gcs_server_port_wait_time_s", str(GCS_PORT_WAIT_S))
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    try:
-        if address == "auto":
-            ray.init(num_cpus=num_cpus, **options)
-        else:
-            ray.init(address=address, **options)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot reach the Ray cluster at {address}: {first}") from None
+    # A local start: on this 2-core machine Ray's GCS server now and then never published its
+    # port (no log written, nothing listening), while the next start took 2 s; so a local start
+    # that times out is shut down and made once more. Joining a cluster is not retried.
+    tries = LOCAL_START_TRIES if address == "auto" else 1
+    for attempt in range(1, tries + 1):
+        try:
+            if address == "auto":
+                ray.init(num_cpus=num_cpus, **options)
+            else:
+                ray.init(address=address, **options)
+            break
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            text = str(exc).strip()
+            if attempt < tries and "Timed out waiting for file" in text:
+                logger.warning("Ray did not start (%s); starting it again", text[:120])
+                ray.shutdown()
+                continue
+            first = text.splitlines()[0][:200] if text else type(exc).__name__
+            raise ConfigError(f"cannot reach the Ray cluster at {address}: {first}") from None
     return True, time.perf_counter() - start
 
 

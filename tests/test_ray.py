@@ -150,3 +150,38 @@ def test_without_ray_the_option_names_the_extra(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(ConfigError, match=r"pip install 'retr\[ray\]'"):
         build_index(_corpus(tmp_path / "c"), tmp_path / "idx", tiny(), ray="auto")
     assert not (tmp_path / "idx").exists()  # refused before anything was written
+
+
+def test_a_local_start_that_times_out_is_made_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's GCS server sometimes never publishes its port here: `connect` shuts the failed
+    start down and starts again; a second timeout, or any failure to join a cluster, is one
+    ConfigError line."""
+    import retrieval.distributed as distributed
+
+    class FakeRay:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.calls, self.shutdowns = failures, 0, 0
+
+        def is_initialized(self) -> bool:
+            return False
+
+        def init(self, **_: object) -> None:
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port")
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+
+    once = FakeRay(failures=1)
+    monkeypatch.setattr(distributed, "_ray", lambda: once)
+    assert distributed.connect("auto")[0] and (once.calls, once.shutdowns) == (2, 1)
+    twice = FakeRay(failures=2)
+    monkeypatch.setattr(distributed, "_ray", lambda: twice)
+    with pytest.raises(ConfigError, match="cannot reach the Ray cluster at auto: Timed out"):
+        distributed.connect("auto")
+    remote = FakeRay(failures=1)
+    monkeypatch.setattr(distributed, "_ray", lambda: remote)
+    with pytest.raises(ConfigError, match="ray://head:10001"):
+        distributed.connect("ray://head:10001")
+    assert remote.calls == 1

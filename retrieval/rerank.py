@@ -30,13 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, Field, model_validator
 
 from features.core import StrictConf, pick_device
 from features.types import LocalFeatures
 from retrieval.matchers import Matcher, Matches, load_matcher, stages
-from retrieval.matchers.lightglue import LightGlueConf
-from retrieval.matchers.mnn import MNNConf
+from retrieval.matchers.rules import Rule, matcher_settings, rule_for
 from retrieval.verification import RansacConf, Verification, default_workers, verify
 
 LIGHTGLUE_KEYPOINTS = 1024
@@ -56,35 +55,15 @@ found the match (docs/results.md)."""
 
 
 class RerankConf(StrictConf):
-    """How shortlisted candidates are matched and verified."""
+    """How shortlisted candidates are matched and verified: per-matcher rules (the measured
+    table `retrieval.matchers.rules.RULES`, with overrides) and the two-stage plan's settings."""
 
-    min_inliers: int = Field(default=12, ge=1)
-    """Fewest RANSAC inliers of mutual-NN matches for a candidate to count as verified. Kept
-    as published (homography, 8 px, 12): 0.1% false positives on the pair set of
-    scripts/bench_verification.py, true positives 54%; a fundamental matrix with >= 38
-    inliers would verify 65% at 0.7%, left as an option so that `mnn` keeps its results."""
-    ratio: float | None = Field(default=None, gt=0)
-    """Lowe ratio test on top of mutual nearest neighbours (None: off)."""
-    ransac: RansacConf = RansacConf()
-    """RANSAC on mutual-NN matches."""
+    rules: dict[str, Rule] = {}
+    """Overrides of the table's rules by matcher name ("mnn", "lightglue"); a field left out
+    keeps the table's value."""
     workers: int | None = Field(default=None, ge=1)
     """Threads matching and verifying chunks of candidates (None: one per CPU core); results do
     not depend on it."""
-    lightglue: LightGlueConf = LightGlueConf(
-        max_keypoints=LIGHTGLUE_KEYPOINTS, filter_threshold=0.7
-    )
-    """LightGlue's network settings and its match-confidence filter. The rule (filter 0.7,
-    fundamental matrix at 4 px) has the highest true-positive rate at <= 1% false positives
-    on 668 positive and 668 negative pairs of ../shared/data, at 512 and at 1024 keypoints
-    (scripts/bench_verification.py, docs/results.md): a lower filter lets unrelated pairs
-    reach up to 100 inliers, and a homography loses the wide-baseline pairs whose scene is not
-    a plane."""
-    lightglue_min_inliers: int = Field(default=13, ge=1)
-    """Fewest RANSAC inliers of LightGlue's matches for a candidate to count as verified. At
-    1024 keypoints: 0.3% false positives, 67% true positives (10 would verify 72% at 0.9%,
-    with the same leave-one-out ranking, so the safer 13 stays)."""
-    lightglue_ransac: RansacConf = RansacConf(model="fundamental", threshold=4.0)
-    """RANSAC on LightGlue's matches."""
     lightglue_top: int = Field(default=LIGHTGLUE_TOP, ge=1)
     """Two-stage plan ("mnn+lightglue"): candidates LightGlue re-scores, the best of the
     mutual-NN stage."""
@@ -95,14 +74,49 @@ class RerankConf(StrictConf):
     """Two-stage plan: the second stage re-scores its candidates one at a time and stops at the
     first one it verifies with `settled_inliers` or more."""
 
-    def rule(self, matcher: str) -> tuple[RansacConf, int]:
-        """(RANSAC settings, fewest inliers) that verify `matcher`'s matches."""
-        if matcher == "lightglue":
-            return self.lightglue_ransac, self.lightglue_min_inliers
-        return self.ransac, self.min_inliers
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_names(cls, values: Any) -> Any:
+        """The flat fields of earlier versions (min_inliers, ratio, ransac for mutual NN;
+        lightglue, lightglue_min_inliers, lightglue_ransac) become rule overrides."""
+        if not isinstance(values, dict) or not set(values) & set(LEGACY_FIELDS):
+            return values
+        values = dict(values)
+        rules = {k: dict(_dumped(v)) for k, v in dict(values.pop("rules", {})).items()}
+        for old, (matcher, part) in LEGACY_FIELDS.items():
+            if old not in values:
+                continue
+            value = _dumped(values.pop(old))
+            entry = rules.setdefault(matcher, {})
+            if part == "ratio":
+                entry["settings"] = {**entry.get("settings", {}), "ratio": value}
+            else:
+                entry[part] = value
+        values["rules"] = rules
+        return values
 
-    def matcher_conf(self, matcher: str) -> StrictConf:
-        return self.lightglue if matcher == "lightglue" else MNNConf(ratio=self.ratio)
+    def rule(self, matcher: str, local_method: str = "disk") -> Rule:
+        """The complete rule that verifies `matcher`'s matches of `local_method`'s features."""
+        return rule_for(matcher, local_method, self.rules.get(matcher.lower()))
+
+    def matcher_conf(self, matcher: str, local_method: str = "disk") -> StrictConf:
+        """The matcher's typed settings under its rule."""
+        return matcher_settings(matcher, self.rule(matcher, local_method))
+
+
+LEGACY_FIELDS = {
+    "min_inliers": ("mnn", "min_inliers"),
+    "ratio": ("mnn", "ratio"),
+    "ransac": ("mnn", "ransac"),
+    "lightglue": ("lightglue", "settings"),
+    "lightglue_min_inliers": ("lightglue", "min_inliers"),
+    "lightglue_ransac": ("lightglue", "ransac"),
+}
+"""RerankConf's field names before per-matcher rules -> (matcher, rule field)."""
+
+
+def _dumped(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, BaseModel) else value
 
 
 @dataclass(frozen=True)
@@ -151,7 +165,7 @@ def rerank(
         found = count_inliers(
             query, [feats[c.id] for c in cands], conf, device, timings, name, local_method
         )
-        return _scored(cands, found, conf, name)
+        return _scored(cands, found, conf, name, local_method)
 
     return run_plan(candidates, score, conf, matcher)
 
@@ -198,9 +212,13 @@ def settled(ordered: list[Candidate], least: int | None) -> bool:
 
 
 def _scored(
-    cands: list[Candidate], inliers: list[int], conf: RerankConf, matcher: str
+    cands: list[Candidate],
+    inliers: list[int],
+    conf: RerankConf,
+    matcher: str,
+    local_method: str,
 ) -> list[Candidate]:
-    least = conf.rule(matcher)[1]
+    least = conf.rule(matcher, local_method).min_inliers or 1
     return [
         Candidate(c.id, c.global_score, n, n >= least, matcher)
         for c, n in zip(cands, inliers, strict=True)
@@ -220,10 +238,12 @@ def count_inliers(
     if not feats:
         return []
     dev = pick_device(device)
-    m = load_matcher(matcher, conf.matcher_conf(matcher), local_method, dev)
+    rule = conf.rule(matcher, local_method)
+    m = load_matcher(matcher, matcher_settings(matcher, rule), local_method, dev)
     run = _chunked if m.parallel_batches else _batched
     timings = timings if timings is not None else Timings()
-    return run(query, feats, m, conf.rule(matcher)[0], conf.workers or default_workers(), timings)
+    ransac = rule.ransac or RansacConf()
+    return run(query, feats, m, ransac, conf.workers or default_workers(), timings)
 
 
 def _chunked(
@@ -334,11 +354,11 @@ def verify_pair(
 ) -> PairMatch:
     """Match and verify one pair exactly as the rerank does with `matcher` (a match picture
     draws this: pass `Match.matcher`, the matcher that scored the result)."""
-    m = load_matcher(matcher, conf.matcher_conf(matcher), local_method, device)
+    rule = conf.rule(matcher, local_method)
+    m = load_matcher(matcher, matcher_settings(matcher, rule), local_method, device)
     found = m.match(query, candidate)
-    ransac, least = conf.rule(matcher)
-    result = _verify(query, candidate, found, ransac)
-    return PairMatch(found.pairs, result, found.confidence, matcher, least)
+    result = _verify(query, candidate, found, rule.ransac or RansacConf())
+    return PairMatch(found.pairs, result, found.confidence, matcher, rule.min_inliers or 1)
 
 
 def rerank_sequential(
@@ -365,7 +385,7 @@ def rerank_sequential(
             timings.add("load", t1 - t0)
             timings.add("match+verify", time.perf_counter() - t1)
             found.append(pair.inliers)
-        return _scored(cands, found, conf, name)
+        return _scored(cands, found, conf, name, local_method)
 
     return run_plan(candidates, score, conf, matcher)
 

@@ -38,8 +38,9 @@ from features.types import LocalFeatures
 from retrieval.evaluation.datasets import Dataset, Query, landmarks_mini
 from retrieval.evaluation.runner import format_table, run_eval, write_json
 from retrieval.matchers import Matcher, Matches, load_matcher
-from retrieval.matchers.lightglue import LightGlue, LightGlueConf
+from retrieval.matchers.lightglue import LightGlue
 from retrieval.matchers.mnn import MNN
+from retrieval.matchers.rules import Rule
 from retrieval.rerank import RerankConf
 from retrieval.search import SearchConf
 from retrieval.verification import RansacConf
@@ -48,7 +49,6 @@ console = Console(width=240)
 SEARCH_KEYS = {"qe": int, "dba": int, "qe_alpha": float, "dba_alpha": float, "shortlist": int}
 RERANK_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "top": ("lightglue_top", int),
-    "lg_min": ("lightglue_min_inliers", int),
     "settled": ("settled_inliers", int),
     "stop": ("settled_stops_second", lambda v: bool(int(v))),
 }
@@ -61,8 +61,10 @@ def variant(spec: str) -> tuple[str, SearchConf]:
     if plan != "global":
         search["matcher"] = plan
     rerank: dict[str, object] = {}
-    default = RerankConf()
-    lightglue, ransac = default.lightglue.model_dump(), default.lightglue_ransac.model_dump()
+    default = RerankConf().rule("lightglue", "disk")
+    lightglue = dict(default.settings or {})
+    ransac = (default.ransac or RansacConf()).model_dump()
+    least = default.min_inliers
     for item in settings:
         key, value = item.split("=")
         if key in SEARCH_KEYS:
@@ -70,6 +72,8 @@ def variant(spec: str) -> tuple[str, SearchConf]:
         elif key in RERANK_KEYS:
             name, kind = RERANK_KEYS[key]
             rerank[name] = kind(value)
+        elif key == "lg_min":  # fewest inliers of LightGlue's matches
+            least = int(value)
         elif key in ("lg_conf", "lg_kpts"):  # LightGlue's filter, keypoints
             field = "filter_threshold" if key == "lg_conf" else "max_keypoints"
             lightglue[field] = float(value) if key == "lg_conf" else int(value)
@@ -79,8 +83,9 @@ def variant(spec: str) -> tuple[str, SearchConf]:
             )
         else:
             raise SystemExit(f"unknown setting '{key}' in '{spec}'")
-    rerank["lightglue"] = LightGlueConf(**lightglue)
-    rerank["lightglue_ransac"] = RansacConf(**ransac)
+    rerank["rules"] = {
+        "lightglue": Rule(settings=lightglue, ransac=RansacConf(**ransac), min_inliers=least)
+    }
     return spec, SearchConf(**search, rerank_conf=RerankConf(**rerank))  # type: ignore[arg-type]
 
 

@@ -47,6 +47,7 @@ from retrieval.evaluation.planar import best_case_error, corner_error, read_plan
 from retrieval.matchers import Matches, load_matcher
 from retrieval.matchers.lightglue import LightGlueConf
 from retrieval.matchers.mnn import MNNConf
+from retrieval.matchers.rules import Rule
 from retrieval.rerank import RerankConf, verify_pair
 from retrieval.verification import RansacConf
 
@@ -193,13 +194,14 @@ def planar_table(
     RANSAC fits a homography at 8 px for every matcher, whatever model its rule verifies with:
     a planar scene is a homography). "lightglue f0.1": the official match filter."""
     homography = RansacConf()
-    default = RerankConf(lightglue_ransac=homography)
-    plans: dict[str, RerankConf] = {"mnn": RerankConf(), "lightglue": default}
+
+    def planar(settings: dict[str, Any] | None = None) -> RerankConf:
+        return RerankConf(rules={"lightglue": Rule(settings=settings, ransac=homography)})
+
+    plans: dict[str, RerankConf] = {"mnn": RerankConf(), "lightglue": planar()}
     for k in args.planar_keypoints:
-        lg = default.lightglue.model_copy(update={"max_keypoints": k})
-        plans[f"lightglue@{k}"] = RerankConf(lightglue=lg, lightglue_ransac=homography)
-        official = lg.model_copy(update={"filter_threshold": 0.1})
-        plans[f"lightglue f0.1@{k}"] = RerankConf(lightglue=official, lightglue_ransac=homography)
+        plans[f"lightglue@{k}"] = planar({"max_keypoints": k})
+        plans[f"lightglue f0.1@{k}"] = planar({"max_keypoints": k, "filter_threshold": 0.1})
     rows = []
     for pair in read_planar_pairs(args.data / "planar-pairs"):
         fa, fb = feats[pair.image_a], feats[pair.image_b]

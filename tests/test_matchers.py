@@ -30,6 +30,7 @@ from retrieval.matchers import (
 )
 from retrieval.matchers.lightglue import LightGlueConf
 from retrieval.matchers.mnn import MNN
+from retrieval.matchers.rules import RULES, Rule, rule_for
 from retrieval.matching import mutual_nn
 from retrieval.rerank import (
     Candidate,
@@ -46,6 +47,7 @@ from tests.corpus import MINI, Row, make_corpus, manifest
 
 FIX = fixture_dir("lightglue")
 CHEAP_LG = LightGlueConf(max_keypoints=192, filter_threshold=0.5)
+CHEAP_RULES = {"lightglue": Rule(settings={"max_keypoints": 192, "filter_threshold": 0.5})}
 
 
 def _pair(name: str) -> tuple[LocalFeatures, LocalFeatures]:
@@ -179,7 +181,7 @@ def test_a_query_the_first_stage_settled_skips_the_second(best: int) -> None:
 def test_batched_rerank_equals_sequential_with_lightglue(scene, plan: str) -> None:
     query, feats = scene
     cands = [Candidate(i, 1.0 - 0.01 * n) for n, i in enumerate(feats)]
-    conf = RerankConf(lightglue=CHEAP_LG, lightglue_top=4, settled_inliers=None)
+    conf = RerankConf(rules=CHEAP_RULES, lightglue_top=4, settled_inliers=None)
     got = rerank(query, cands, lambda ids: [feats[i] for i in ids], conf, matcher=plan)
     want = rerank_sequential(query, cands, feats.__getitem__, conf, matcher=plan)
     assert [c.id for c in got if c.verified] == [c.id for c in want if c.verified]
@@ -192,10 +194,12 @@ def test_batched_rerank_equals_sequential_with_lightglue(scene, plan: str) -> No
 
 def test_verify_pair_uses_the_matcher_that_ranked_the_result(scene) -> None:
     query, feats = scene
-    conf = RerankConf(lightglue=CHEAP_LG)
+    conf = RerankConf(rules=CHEAP_RULES)
     lg = verify_pair(query, feats[10], conf, "lightglue")
     assert lg.matcher == "lightglue" and lg.confidence is not None
-    assert (lg.confidence > 0.5).all() and lg.verified == (lg.inliers >= conf.lightglue_min_inliers)
+    assert (lg.confidence > 0.5).all() and lg.verified == (
+        lg.inliers >= conf.rule("lightglue").min_inliers
+    )
     assert lg.inliers == count_inliers(query, [feats[10]], conf, matcher="lightglue")[0]
     mnn = verify_pair(query, feats[10], conf)
     assert mnn.matcher == "mnn" and mnn.inliers == count_inliers(query, [feats[10]], conf)[0]
@@ -206,7 +210,7 @@ def test_degenerate_candidates_verify_nothing(scene) -> None:
     query, feats = scene
     few = LocalFeatures(query.keypoints[:3], query.scores[:3], query.descriptors[:3], (50, 5000))
     cands = [LocalFeatures.empty(128, (640, 480)), few, feats[10]]
-    conf = RerankConf(lightglue=CHEAP_LG)
+    conf = RerankConf(rules=CHEAP_RULES)
     for plan in ("mnn", "lightglue"):
         assert count_inliers(query, cands, conf, matcher=plan)[:2] == [0, 0]
         assert count_inliers(LocalFeatures.empty(128, (9, 9)), cands, conf, matcher=plan) == [
@@ -242,9 +246,9 @@ def test_search_runs_the_chosen_matcher_and_says_which(retriever: Retriever) -> 
     image = _query()
     assert retriever.config.matcher == "auto"
     # the query is in the index: mutual NN settles it, and LightGlue does not run by default
-    settled = retriever.search(image, rerank_conf=RerankConf(lightglue=CHEAP_LG))
+    settled = retriever.search(image, rerank_conf=RerankConf(rules=CHEAP_RULES))
     assert settled.matcher == "mnn+lightglue" and {m.matcher for m in settled.matches} == {"mnn"}
-    cheap = RerankConf(lightglue=CHEAP_LG, lightglue_top=2, settled_inliers=None)
+    cheap = RerankConf(rules=CHEAP_RULES, lightglue_top=2, settled_inliers=None)
     default = retriever.search(image, rerank_conf=cheap)
     assert default.matcher == "mnn+lightglue"  # auto on a CPU with DISK
     assert [m.matcher for m in default.matches[:2]] == ["lightglue"] * 2
@@ -321,7 +325,7 @@ def test_eval_compares_matchers_side_by_side_per_kind(tmp_path: Path) -> None:
     groups = ["tower_bridge", "wxbs_kremlin", "lightglue_dsc_building"]
     mini = landmarks_mini(MINI, queries="all", groups=groups, max_distractors=2)
     assert {q.kind for q in mini.queries} == {"landmark", "wxbs", "place"}
-    cheap = RerankConf(lightglue=CHEAP_LG, lightglue_top=2)
+    cheap = RerankConf(rules=CHEAP_RULES, lightglue_top=2)
     variants = {
         f"rerank {m}": SearchConf(matcher=m, shortlist=5, rerank_conf=cheap)
         for m in ("mnn", "mnn+lightglue")
@@ -359,3 +363,39 @@ def test_eval_compares_matchers_side_by_side_per_kind(tmp_path: Path) -> None:
         got, want = again.modes[mode].protocols["all"], result.modes[before].protocols["all"]
         assert got.map == pytest.approx(want.map, abs=0.05 if mode == "rerank" else 1e-6)
     assert {"local", "global"}.isdisjoint(again.modes["rerank"].stage_seconds)
+
+
+def test_rules_come_from_one_table_with_overrides() -> None:
+    """The rerank's rule is the table's, an override changes only what it names, and a method
+    without a measured row of its own takes the matcher's first measured one."""
+    conf = RerankConf()
+    assert conf.rule("lightglue", "disk") == RULES["lightglue", "disk"]
+    assert conf.rule("mnn", "r2d2") == RULES["mnn", "*"]
+    assert conf.rule("lightglue", "aliked-unmeasured") == RULES["lightglue", "disk"]
+    tuned = RerankConf(rules={"lightglue": Rule(min_inliers=20)}).rule("lightglue", "disk")
+    assert tuned.min_inliers == 20 and tuned.ransac == RULES["lightglue", "disk"].ransac
+    assert tuned.settings == RULES["lightglue", "disk"].settings
+    merged = rule_for("lightglue", "disk", Rule(settings={"max_keypoints": 256}))
+    assert merged.settings == {"max_keypoints": 256, "filter_threshold": 0.7}
+    lg = conf.matcher_conf("lightglue", "disk")
+    assert isinstance(lg, LightGlueConf) and lg.filter_threshold == 0.7
+    assert LightGlueConf().filter_threshold == 0.1  # the official default, for parity
+
+
+def test_legacy_rerank_fields_map_onto_rules() -> None:
+    """RerankConf's flat fields of earlier versions still parse, as rule overrides."""
+    old = RerankConf.model_validate(
+        {
+            "min_inliers": 5,
+            "ratio": 0.9,
+            "lightglue": CHEAP_LG.model_dump(),
+            "lightglue_min_inliers": 7,
+            "lightglue_ransac": {"model": "homography", "threshold": 6.0},
+        }
+    )
+    mnn, lg = old.rule("mnn"), old.rule("lightglue")
+    assert (mnn.min_inliers, (mnn.settings or {})["ratio"]) == (5, 0.9)
+    assert lg.min_inliers == 7 and lg.ransac is not None and lg.ransac.threshold == 6.0
+    assert old.matcher_conf("lightglue") == CHEAP_LG
+    with pytest.raises(ConfigError):
+        RerankConf(rules={"lightglue": Rule(settings={"bogus": 1})}).matcher_conf("lightglue")

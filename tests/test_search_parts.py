@@ -109,8 +109,9 @@ def test_verification_recovers_a_homography_and_never_raises() -> None:
     assert 135 <= verify(src, dst_a, RansacConf(model="affine", threshold=3.0)).inliers <= 145
     assert verify(src[:3], dst[:3], RansacConf()).inliers == 0  # too few matches
     same = np.zeros((50, 2), np.float32)
-    degenerate = verify(same, same, RansacConf())  # all points identical
-    assert degenerate.inliers >= 0
+    for model in ("homography", "fundamental", "affine"):  # all points identical: no model
+        degenerate = verify(same, same, RansacConf(model=model))
+        assert not degenerate.success and degenerate.inliers == 0, model
 
 
 def test_candidates_order_verified_first() -> None:

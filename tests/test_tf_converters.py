@@ -1,13 +1,8 @@
 """The TensorFlow-reading half of the ASLFeat and DELG converters, on real TF checkpoints.
 
-Skipped unless TensorFlow is installed (it is not part of the project environment). Run it in
-a separate environment with TensorFlow, e.g.
-
-    python3 -m venv /tmp/tfvenv
-    /tmp/tfvenv/bin/pip install torch tensorflow-cpu numpy pydantic h5py pillow \
-        opencv-python-headless
-    /tmp/tfvenv/bin/pip install --no-deps -e .
-    /tmp/tfvenv/bin/python -m pytest -q tests/test_tf_converters.py
+Skipped unless TensorFlow is installed (it is not part of the project environment).
+`make test-tf` builds a separate environment with TensorFlow (.venv-tf) and runs these with
+RETR_REQUIRE_TF=1, so there they fail instead of skipping; `.ci/run` runs it as a bounded step.
 
 The checkpoints are written the way the official code writes them: ASLFeat with a TF1
 `tf.compat.v1.train.Saver` (V2 format) over graph variables carrying the official names, DELG
@@ -25,14 +20,16 @@ import numpy as np
 import pytest
 import torch
 
-tf = pytest.importorskip("tensorflow")
+from tests.conftest import require_tensorflow
+
+tf = require_tensorflow()
 
 from features.convert import aslfeat as convert_aslfeat  # noqa: E402
 from features.convert import delg as convert_delg  # noqa: E402
 from features.core import ConfigError  # noqa: E402
 from features.delg.resnet import DelgNet  # noqa: E402
 from features.local.aslfeat import ASLFeat  # noqa: E402
-from tests.conftest import fixture_dir  # noqa: E402
+from tests.conftest import require_tensorflow, fixture_dir  # noqa: E402
 
 ASLFEAT = fixture_dir("aslfeat")
 DELG = fixture_dir("delg")

@@ -34,7 +34,7 @@ def require_tensorflow() -> Any:
     except ImportError:
         if os.environ.get("RETR_REQUIRE_TF") == "1":
             pytest.fail("tensorflow is not installed and RETR_REQUIRE_TF=1", pytrace=False)
-        pytest.skip("tensorflow is not installed (make test-tf runs these)", allow_module_level=True)
+        pytest.skip("tensorflow is not installed (make test-tf runs it)", allow_module_level=True)
     return tensorflow
 
 

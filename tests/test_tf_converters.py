@@ -29,7 +29,7 @@ from features.convert import delg as convert_delg  # noqa: E402
 from features.core import ConfigError  # noqa: E402
 from features.delg.resnet import DelgNet  # noqa: E402
 from features.local.aslfeat import ASLFeat  # noqa: E402
-from tests.conftest import require_tensorflow, fixture_dir  # noqa: E402
+from tests.conftest import fixture_dir  # noqa: E402
 
 ASLFEAT = fixture_dir("aslfeat")
 DELG = fixture_dir("delg")

@@ -11,6 +11,8 @@ boundaries (CLI, service) turn them into a one-line message and an exit or statu
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +57,11 @@ class StoreMismatchError(IndexError_):
 
 class IndexLockedError(IndexError_):
     """Another process holds the index's write lock."""
+
+
+class IndexWriteError(IndexError_):
+    """A write to an index could not complete (disk full, read-only, a file that exists where a
+    new one must be created); what was committed before it is intact."""
 
 
 class DatasetError(RetrError):
@@ -134,3 +141,27 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+SECRET_OPTIONS = ("--token", "--password", "--api-key")
+"""Command-line options whose value is a secret (and `--db`/`--vectors` URLs' passwords)."""
+SECRET_ENV = ("RETR_TOKEN",)
+MASK = "***"
+
+
+def mask_secrets(text: str) -> str:
+    """`text` (a command line, a URL, a message) with every secret replaced by ***: the value of
+    a secret option (`--token X`, `--token=X`), the password of a URL
+    (`postgresql://alice:PASSWORD@host` -> `postgresql://alice:***@host`), and the value of
+    `$RETR_TOKEN` wherever it appears. Used wherever a command line or a URL is recorded or
+    shown (the lock file, error messages, logs)."""
+    options = "|".join(re.escape(o) for o in SECRET_OPTIONS)
+    text = re.sub(rf"({options})(=|\s+)(\S+)", rf"\1\2{MASK}", text)
+    text = re.sub(r"(\b[a-zA-Z][\w+.-]*://[^/\s:@]*:)[^@\s/]+@", rf"\1{MASK}@", text)
+    for name in SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, MASK)
+    return text

@@ -4,14 +4,23 @@ Every file of an index is written to a temporary name in the same directory, flu
 fsynced, then renamed over its final name with `os.replace` (atomic on POSIX), and the directory
 is fsynced so that the rename itself survives a power cut. A crash at any point leaves either the
 old file or the new one, plus at worst a `*.tmp-<pid>` file that the next writer removes.
+
+A file published `exclusive` (segments: their names are never reused) is linked into place
+instead, which fails if the name exists: two writers can never publish the same name over each
+other. A full disk (or quota) during a write is one IndexWriteError naming the folder and the
+space needed; the temporary file is removed and what was published before is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+from features.core import IndexWriteError
 
 TMP_MARK = ".tmp-"
 """Temporary files carry this in their name: `<name>.tmp-<pid>`."""
@@ -43,21 +52,55 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def write_atomic(path: Path, write: Callable[[Path], object]) -> Path:
-    """Call `write(tmp)` to fill a temporary file, then publish it as `path` (fsync + rename).
-    On any error the temporary file is removed and `path` is untouched."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_atomic(path: Path, write: Callable[[Path], object], exclusive: bool = False) -> Path:
+    """Call `write(tmp)` to fill a temporary file, then publish it as `path` (fsync + rename;
+    `exclusive`: link, failing if `path` exists). On any error the temporary file is removed
+    and `path` is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(path)
+    written = 0
     try:
         write(tmp)
+        written = tmp.stat().st_size
         fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        if exclusive:
+            os.link(tmp, path)
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            written = written or tmp.stat().st_size
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, FileExistsError) and exclusive:
+            raise IndexWriteError(
+                f"{path} already exists: another writer published it; run retr index check "
+                f"--index {path.parent.parent}"
+            ) from None
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise IndexWriteError(disk_full_message(path.parent, written)) from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+def disk_full_message(folder: Path, written: int = 0) -> str:
+    """One line for a write that ran out of space in `folder`: how much is free and about how
+    much more the write needed (what it had written when it failed, at least 1 MB)."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = 0
+    need = max(written, 1 << 20)
+    return (
+        f"no space left on the device of {folder} ({free / 2**20:.0f} MB free; this write "
+        f"needs at least {need / 2**20:.0f} MB more): free some space and rerun the command; "
+        "nothing already indexed was lost"
+    )
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:

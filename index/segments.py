@@ -189,7 +189,7 @@ def write_segment(path: Path, data: SegmentData, meta: SegmentMeta) -> tuple[int
             f.create_dataset("scores", data=data.scores.astype(np.float32))
             f.create_dataset("descriptors", data=data.descriptors)
 
-    write_atomic(path, fill)
+    write_atomic(path, fill, exclusive=True)  # a segment name is never published twice
     return path.stat().st_size, file_sha256(path)
 
 

@@ -31,6 +31,9 @@ Publish (end of build / add / update; `publish`):
   publishes them; a Milvus edit's `vector_intent` is undone at open); after 2, the next writer
   finishes 3, 4 (`_recover` at open) and 6.
 
+An update publishes its changed files and removes its gone ones in that same commit
+(`publish(remove=...)`).
+
 Remove (`remove`): one manifest commit marks the ids dead, stores vectors without them (a new
 FAISS file, or Milvus ids hidden until deleted) and records the catalog rows to delete
 (`catalog_deletes`); then the rows are deleted and the record cleared. A kill after the commit
@@ -137,6 +140,8 @@ class IndexWriter:
         self.fingerprints: tuple[str, str] | None = None
         self.global_dim = 0
         self._view: FeatureStore | None = None
+        self._removing = np.zeros(0, np.int64)
+        """Ids a running `publish` removes in its commit (the view leaves them out)."""
         self.vectors: VectorBackend = vector_backend(
             paths.root, config.vector_store, config.index_type
         )
@@ -221,7 +226,11 @@ class IndexWriter:
     def view(self) -> FeatureStore:
         """Features as this writer sees them: published and pending, newest copy winning."""
         if self._view is None:
-            self._view = FeatureStore(self.paths.root, self.manifest, pending=True)
+            m = self.manifest
+            if len(self._removing):
+                dead = np.union1d(unpack_ids(m.pending_dead), self._removing)
+                m = m.model_copy(update={"pending_dead": pack_ids(dead)})
+            self._view = FeatureStore(self.paths.root, m, pending=True)
         return self._view
 
     def _invalidate(self) -> None:
@@ -307,16 +316,32 @@ class IndexWriter:
     # --- publishing ----------------------------------------------------------------------------
 
     def publish(
-        self, refit: bool = False, tombstone: bool | None = None, compact: bool = True
+        self,
+        refit: bool = False,
+        tombstone: bool | None = None,
+        compact: bool = True,
+        remove: Sequence[int] = (),
     ) -> PublishReport:
         """Make the pending work searchable (module docstring). refit: a build's refit of the
         whitening and rebuild of the vector index; without it the current whitening is kept
         and the vector index edited (an add or update), unless there is none yet. tombstone:
         how the vector index removes (index.vectors.VectorIndex.remove). compact=False leaves
         the merging of small segments to a later `compact()` (a bulk load that publishes
-        first)."""
+        first). remove: published images (catalog rows and features) that go in the same
+        commit (an update's files that are gone), so that a kill leaves all of it or none."""
         m = self.manifest
         report = PublishReport(refit=refit or not m.published)
+        self._removing = np.unique(np.asarray(list(remove), np.int64))
+        self._invalidate()
+        try:
+            return self._publish(m, report, tombstone, compact)
+        finally:
+            self._removing = np.zeros(0, np.int64)
+            self._invalidate()
+
+    def _publish(
+        self, m: Manifest, report: PublishReport, tombstone: bool | None, compact: bool
+    ) -> PublishReport:
         view = self.view()
         gen = m.generation + 1
         new = m.model_copy(deep=True)
@@ -330,6 +355,9 @@ class IndexWriter:
             new.next_segment = m.next_segment
         new.segments = _with_dead(m.segments + m.pending, view)
         new.pending, new.pending_dead = [], []
+        if len(self._removing):
+            deletes = np.union1d(unpack_ids(m.catalog_deletes), self._removing)
+            new.catalog_deletes = pack_ids(deletes)
         new.generation, new.previous_files = gen, m.files()
         self._commit(new)
         checkpoint("publish:manifest")
@@ -416,7 +444,7 @@ class IndexWriter:
             m.vector_intent = pack_ids(fresh)
             self._save(m)
             checkpoint("publish:intent")
-        gone = unpack_ids(m.pending_dead)
+        gone = np.union1d(unpack_ids(m.pending_dead), self._removing)
         return self.vectors.edit(m, new, gen, gone, (fresh, vectors), tombstone)
 
     def _finish_vectors(self) -> None:

@@ -95,11 +95,10 @@ def update_images(
         records = _select(writer.catalog.all(), targets, corpus, report)
         present = [(_file_of(r.path, corpus), r) for r in records]
         gone = [r.id for f, r in present if not os.path.lexists(f)]
-        if gone:
-            report.tombstones += writer.remove(gone, tombstone).tombstones
-            report.removed.extend(sorted(gone))
         files = [FileItem(f, r.path, r.label) for f, r in present if os.path.lexists(f)]
-        _ingest(writer, files, report, progress, _models(writer, device), tombstone)
+        models = _models(writer, device) if files else None
+        _ingest(writer, files, report, progress, models, tombstone, remove=gone)
+        report.removed.extend(sorted(gone))
     return report
 
 
@@ -134,19 +133,25 @@ def _ingest(
     files: list[FileItem],
     report: UpdateReport,
     progress: Progress | None,
-    models: Models,
+    models: Models | None,
     tombstone: bool | None,
+    remove: Sequence[int] = (),
 ) -> None:
-    """Ingest `files` and publish, keeping the whitening (no rebuild)."""
-    if not files:
-        return
-    ingester = Ingester(writer, models)
-    ingested = ingest_files(ingester, files, progress)
-    report.take(ingested)
+    """Ingest `files` and publish, keeping the whitening (no rebuild), with the removal of the
+    published images `remove` in the same commit."""
+    if files:
+        assert models is not None
+        ingested = ingest_files(Ingester(writer, models), files, progress)
+        report.take(ingested)
+        indexed = ingested.indexed + ingested.updated
+        report.added_ids.update((rel, ingested.ids[rel]) for rel in indexed)
     m = writer.manifest
-    if m.pending or m.pending_dead or not m.published:
-        report.tombstones += writer.publish(refit=False, tombstone=tombstone).tombstones
-    report.added_ids.update((rel, ingested.ids[rel]) for rel in ingested.indexed + ingested.updated)
+    if remove and not m.published:  # nothing searchable yet: a plain removal
+        report.tombstones += writer.remove(remove, tombstone).tombstones
+        remove = ()
+    if m.pending or m.pending_dead or remove or (files and not m.published):
+        published = writer.publish(refit=False, tombstone=tombstone, remove=remove)
+        report.tombstones += published.tombstones
 
 
 # --- paths -------------------------------------------------------------------------------------

@@ -192,8 +192,17 @@ def test_killed_update_finishes_on_rerun(small: tuple[Path, Path], fault: str) -
     changed = corpus / "sacre_coeur" / SACRE[0].name
     shutil.copy(SAN_MARCO[2], changed)  # new content under an indexed name
     (corpus / "tower_bridge" / BRIDGE[1].name).unlink()  # a file that is gone
+    before = Manifest.load(idx)
     _retr(["index", "update", "--index", str(idx), "-q"], fault)
     _sound(idx)
+    after = Manifest.load(idx)  # the change and the removal are one commit: both or neither
+    committed = fault == "publish:manifest"
+    assert after.generation == before.generation + committed
+    assert len(after.live_ids()) == (3 if committed else 4)
+    gone = f"tower_bridge/{BRIDGE[1].name}"
+    assert (gone in {m.path for m in Retriever.open(idx).search(BRIDGE[1], k=4).matches}) == (
+        not committed
+    )
     update_images(idx)
     _sound(idx)
     top = Retriever.open(idx).search(SAN_MARCO[2], k=1).matches[0]
@@ -225,6 +234,12 @@ def test_a_second_writer_fails_at_once_or_waits(small: tuple[Path, Path]) -> Non
         assert f"being written by pid {holder.pid}" in second.stderr
         assert "--wait" in second.stderr and len(second.stderr.strip().splitlines()) == 1
         assert _answers(idx)  # readers are not blocked by the writer
+        (idx / "write.lock").unlink()  # "clearing a stale lock" under a live writer
+        third = subprocess.run(
+            [str(RETR), "index", "remove", "1", "--index", str(idx)],
+            env=_env(), capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert third.returncode == 1 and "is being written by" in third.stderr
     finally:
         holder.kill()  # the holder dies with the lock held: the kernel releases it
         holder.wait()

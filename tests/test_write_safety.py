@@ -1,0 +1,118 @@
+"""Hardening of the write path (issue 24): the write lock survives its file being deleted,
+records no secret, segment names are published once, and a full disk is one line that loses
+nothing. The whole-process versions (kill -9, a second `retr` process) are in
+tests/test_crash_safety.py."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from features.core import ConfigError, IndexLockedError, IndexWriteError, mask_secrets
+from index.atomic import write_atomic, write_bytes_atomic
+from index.lock import LOCK_NAME, WriteLock, read_holder
+
+SECRET_ARGV = [
+    "/usr/bin/retr", "serve", "--index", "I", "--token", "tok-SECRET-1",
+    "--db", "postgresql+psycopg://alice:PASSWORD-2@db.example:5432/retr", "--api-key=KEY-3",
+]  # fmt: skip
+
+
+def test_a_deleted_lock_file_does_not_let_a_second_writer_in(tmp_path: Path) -> None:
+    first = WriteLock(tmp_path).acquire()
+    try:
+        (tmp_path / LOCK_NAME).unlink()  # an operator "clears a stale lock"
+        with pytest.raises(IndexLockedError, match="being written"):
+            WriteLock(tmp_path).acquire()
+        assert not (tmp_path / LOCK_NAME).exists() or read_holder(tmp_path / LOCK_NAME) == {}
+    finally:
+        first.release()
+    with WriteLock(tmp_path):  # released: the next writer gets it
+        pass
+
+
+def test_the_lock_file_and_its_message_carry_no_secret(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "argv", SECRET_ARGV)
+    monkeypatch.setenv("RETR_TOKEN", "env-SECRET-4")
+    lock = WriteLock(tmp_path).acquire()
+    try:
+        path = tmp_path / LOCK_NAME
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        recorded = path.read_text()
+        with pytest.raises(IndexLockedError) as err:
+            WriteLock(tmp_path).acquire()
+    finally:
+        lock.release()
+    for text in (recorded, str(err.value)):
+        assert "serve --index I --token ***" in text and "alice:***@db.example" in text
+        for secret in ("tok-SECRET-1", "PASSWORD-2", "KEY-3"):
+            assert secret not in text
+
+
+def test_an_old_lock_file_is_made_private(tmp_path: Path) -> None:
+    path = tmp_path / LOCK_NAME
+    path.write_text("{}")
+    os.chmod(path, 0o644)
+    with WriteLock(tmp_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_mask_secrets_masks_env_token_and_url_passwords(monkeypatch) -> None:
+    monkeypatch.setenv("RETR_TOKEN", "abcd1234")
+    assert mask_secrets("curl -H 'Authorization: Bearer abcd1234'").endswith("Bearer ***'")
+    assert mask_secrets("milvus://h:19530/c http://u@h/x") == "milvus://h:19530/c http://u@h/x"
+    assert mask_secrets("--token=x1 --token  y2") == "--token=*** --token  ***"
+
+
+def test_an_index_path_that_is_a_file_is_one_config_error(tmp_path: Path) -> None:
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"jpeg")
+    with pytest.raises(ConfigError, match="is a file, not an index folder"):
+        WriteLock(photo).acquire()
+
+
+def test_an_exclusive_name_is_never_published_twice(tmp_path: Path) -> None:
+    path = tmp_path / "segments" / "seg-00000002.h5"
+    write_atomic(path, lambda tmp: tmp.write_bytes(b"first writer"), exclusive=True)
+    with pytest.raises(IndexWriteError, match="already exists: another writer"):
+        write_atomic(path, lambda tmp: tmp.write_bytes(b"second writer"), exclusive=True)
+    assert path.read_bytes() == b"first writer"
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary left
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "whitening.npz"
+    write_bytes_atomic(path, b"old")
+
+    def fill(tmp: Path) -> None:
+        tmp.write_bytes(b"x" * 3_000_000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(IndexWriteError) as err:
+        write_atomic(path, fill)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(tmp_path) in message
+    assert "MB free" in message and "needs at least 3 MB more" in message
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whitening.npz"]
+
+
+def test_a_full_disk_during_a_segment_write(tmp_path: Path, monkeypatch) -> None:
+    """h5py reports ENOSPC as an OSError with errno 28, like the issue's traceback."""
+    from index import segments
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "Can't synchronously write data")
+
+    monkeypatch.setattr(segments.h5py, "File", no_space)
+    data = segments.SegmentData.from_images([], "float16", None)
+    meta = segments.SegmentMeta("g", "l", "float16", "")
+    target = tmp_path / "segments" / segments.segment_name(3)
+    with pytest.raises(IndexWriteError, match="no space left"):
+        segments.write_segment(target, data, meta)
+    assert not target.exists() and list(target.parent.iterdir()) == []

@@ -7,8 +7,11 @@ pixel cap (decompression bombs).
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -40,13 +43,35 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if isinstance(source, Image.Image):
         return _check_size(_pil_to_rgb(source, "<PIL image>", max_pixels), "<PIL image>")
     path = Path(source)
-    if not path.is_file():
-        raise ImageReadError(path, "no such file")
+    problem = path_problem(path)
+    if problem is not None:
+        raise ImageReadError(path, problem)
     try:
         data = path.read_bytes()
     except OSError as exc:  # permissions, I/O errors, a file that vanished
         raise ImageReadError(path, f"unreadable file ({exc.strerror or exc})") from None
     return decode_bytes(data, path, max_pixels)
+
+
+def path_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as an image file (no such file, a dangling link, a link loop,
+    a directory, a device, pipe or socket), or None for a regular file or a link to one. The
+    one list of reasons: queries and builds name an entry the same way."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if path.is_symlink():
+            return f"dangling symbolic link (to {os.readlink(path)})"
+        if exc.errno == errno.ENOENT:
+            return "no such file"
+        return f"unreadable entry: {exc.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return "a directory, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file (a device, pipe or socket)"
+    return None
 
 
 def decode_bytes(data: bytes, name: object, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -63,8 +88,10 @@ def decode_bytes(data: bytes, name: object, max_pixels: int = MAX_PIXELS) -> np.
             pil.load()
     except UnidentifiedImageError:
         raise ImageReadError(name, "not an image, or a format Pillow cannot read") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(name, f"refused as a decompression bomb ({exc})") from None
+    except Image.DecompressionBombError:  # Pillow's own limit, above retr's cap
+        raise ImageReadError(
+            name, f"too large (more than the cap of {max_pixels} px); downscale it first"
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(
             name, f"corrupt or truncated image ({exc}); re-export the file"

@@ -81,8 +81,10 @@ class Whitening:
                 f"whitening {path} is missing; run `retr index repair --index {path.parent}`"
             ) from None
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            # numpy's text for a file that is not an archive suggests an unsafe pickle load
+            why = "not a whitening archive" if "pickle" in str(exc) else str(exc)[:100]
             raise IndexError_(
-                f"whitening {path} is damaged ({str(exc)[:100] or type(exc).__name__}); run "
+                f"whitening {path} is damaged ({why or type(exc).__name__}); run "
                 f"`retr index repair --index {path.parent}`"
             ) from None
         if out.projection.ndim != 2 or out.mean.shape != (out.projection.shape[1],):

@@ -10,10 +10,8 @@ was before the build or as it is after it.
 from __future__ import annotations
 
 import csv
-import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from features.core import ConfigError
+from features.image import path_problem
 from features.pipeline import Extractors
 from index.layout import IndexConfig, IndexPaths, settle_config
 from index.writer import IndexWriter
@@ -93,22 +92,15 @@ def scan_corpus(root: Path) -> list[tuple[Path, str | None]]:
 
 
 def _classify(path: Path) -> tuple[str, str | None]:
-    """("file" | "dir" | "other", problem)."""
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return "other", "symbolic link loop"
-        if path.is_symlink():
-            return "other", f"dangling symbolic link (to {os.readlink(path)})"
-        return "other", f"unreadable entry: {exc.strerror}"
-    if stat.S_ISDIR(st.st_mode):
-        return "dir", "a directory, not an image file"
-    if stat.S_ISREG(st.st_mode):
+    """("file" | "dir" | "other", problem); problems are features.image.path_problem's."""
+    problem = path_problem(path)
+    if problem is None:
         return "file", None
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return "other", "not a regular file (a device, pipe or socket)"
-    return "other", "skip"
+    if os.path.isdir(path):
+        return "dir", problem
+    if os.path.exists(path) and path.suffix.lower() not in IMAGE_SUFFIXES:
+        return "other", "skip"  # a device or pipe that is not named like an image
+    return "other", problem
 
 
 def read_labels(csv_path: Path, corpus: Path) -> tuple[dict[str, str], list[str]]:

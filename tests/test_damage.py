@@ -82,6 +82,11 @@ def _empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
+def _zero(path: Path) -> None:
+    """Zeros over the whole file, size unchanged (a block the file system lost)."""
+    path.write_bytes(bytes(path.stat().st_size))
+
+
 def _scribble(path: Path) -> None:
     """Random bytes in the middle of the file, size unchanged."""
     data = bytearray(path.read_bytes())
@@ -95,6 +100,7 @@ CASES = [
     ("whitening deleted", _manifest_file("whitening"), Path.unlink, True, "whitening"),
     ("whitening truncated", _manifest_file("whitening"), _truncate, True, "whitening"),
     ("whitening emptied", _manifest_file("whitening"), _empty, True, "whitening"),
+    ("whitening zeroed", _manifest_file("whitening"), _zero, True, "whitening"),
     ("vectors truncated", _manifest_file("vectors"), _truncate, True, "vector index"),
     ("vectors deleted", _manifest_file("vectors"), Path.unlink, True, "vector index"),
     ("manifest truncated", lambda i: i / "manifest.json", _truncate, True, "manifest.json"),
@@ -120,6 +126,7 @@ def test_damage_is_named_checked_and_repaired(
     if fails:  # one line naming the file and the command that fixes it
         line = _one_line(output)
         assert code == 1 and words in line and "retr index repair" in line, output
+        assert "pickle" not in line and "unsafe" not in line  # never suggest an unsafe load
     else:  # the manifest's copy of the config keeps queries working
         assert code == 0, output
     code, output = _run("index", "check", "--index", str(idx))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from features.core import ImageReadError
-from features.image import load_image, resize_max, to_pixel_frame
+from features.image import decode_bytes, load_image, resize_max, to_pixel_frame
 from tests.conftest import DATA
 
 PHOTO = next((DATA / "landmarks-mini/images/sacre_coeur").glob("*.jpg"))
@@ -123,3 +123,29 @@ def test_bytes_io_pil_image_with_exif_orientation() -> None:
     buf = io.BytesIO()
     Image.new("RGB", (64, 32)).save(buf, format="PNG")
     assert load_image(Image.open(buf)).shape == (32, 64, 3)
+
+
+def test_a_query_names_what_the_path_is_like_a_build_does(tmp_path: Path) -> None:
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    cases = {
+        tmp_path: "a directory, not an image file",
+        tmp_path / "loop_a": "symbolic link loop",
+        tmp_path / "zero.jpg": "not a regular file",
+        tmp_path / "gone.jpg": "dangling symbolic link",
+        tmp_path / "missing.jpg": "no such file",
+    }
+    for path, reason in cases.items():
+        with pytest.raises(ImageReadError, match=reason):
+            load_image(path)
+
+
+def test_a_bomb_is_refused_with_retrs_cap_not_pillows(monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses above 2000 px
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100)).save(buf, format="PNG")
+    with pytest.raises(ImageReadError) as err:
+        decode_bytes(buf.getvalue(), "bomb.png")
+    assert "cap of 150000000 px" in str(err.value) and "2000" not in str(err.value)

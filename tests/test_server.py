@@ -232,12 +232,37 @@ def test_images_serves_catalog_images_and_thumbnails(
         ("/images/1?size=4", 422),
         ("/images/1?size=100000", 422),
         ("/images/..%2F..%2Fetc%2Fpasswd", 404),  # no path parameter reaches the file system
+        ("/images/99999999999999999999999", 422),  # beyond SQLite's INTEGER: not a 500
+        ("/images/-1", 422),
+        ("/matches/0123456789abcdef0123456789abcdef/99999999999999999999999.png", 422),
         ("/images?limit=0", 422),
         ("/images?status=lost", 422),
     ],
 )
 def test_images_bad_requests(client: TestClient, url: str, status: int) -> None:
-    assert client.get(url).status_code == status
+    r = client.get(url)
+    assert r.status_code == status
+    assert len(r.json()["detail"].splitlines()) == 1
+
+
+def test_a_huge_id_on_delete_is_422(writer: TestClient) -> None:
+    r = writer.delete("/images/99999999999999999999999", headers=AUTH)
+    assert r.status_code == 422 and "image_id" in r.json()["detail"]
+
+
+def test_an_unexpected_error_is_a_json_500_with_a_log_id(served_index: Served, caplog) -> None:
+    app = create_app(ServerSettings(index=served_index.index))
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise ZeroDivisionError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom")
+    assert r.status_code == 500 and r.json()["detail"].startswith("internal error (logged as ")
+    ref = r.json()["detail"].removeprefix("internal error (logged as ").rstrip(")")
+    assert any(ref in rec.getMessage() for rec in caplog.records)
+    assert "a bug" not in r.text
 
 
 def test_health_info_page_and_docs(client: TestClient, served_index: Served) -> None:

@@ -2,12 +2,14 @@
 
 Library errors (features.core's RetrError tree) keep their one-line message, the same line the
 CLI prints; the service adds its own few (not found, unauthorised, overloaded, timed out, body
-too large). Every error body is `{"detail": "<one line>"}`.
+too large). Every error body is `{"detail": "<one line>"}`, an unexpected one included
+(`internal error (logged as <id>)`, its traceback in the log).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -104,7 +106,15 @@ def install_error_handlers(app: FastAPI, retry_after: int) -> None:
             {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
         )
 
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        """A bug, not a client's mistake: the traceback goes to the log under an id that the
+        client is given, never to the client."""
+        ref = uuid.uuid4().hex[:12]
+        logger.error("internal error %s", ref, exc_info=exc)
+        return JSONResponse({"detail": f"internal error (logged as {ref})"}, status_code=500)
+
     app.add_exception_handler(RetrError, on_retr_error)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
 

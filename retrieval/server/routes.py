@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Header, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
 from features.core import field_help, parse_conf
@@ -28,6 +29,10 @@ from retrieval.server.models import (
 from retrieval.server.service import Service, Upload
 
 router = APIRouter()
+
+MAX_ID = 2**63 - 1
+"""Catalog ids are SQLite INTEGERs (and FAISS int64 ids): larger ones are 422, never a 500."""
+ImageId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="Catalog id of an image.")]
 
 
 def get_service(request: Request) -> Service:
@@ -98,7 +103,7 @@ async def recognize(
     response_class=Response,
     responses={200: {"content": {"image/png": {}}}},
 )
-async def match_picture(search_id: str, image_id: int, service: ServiceDep) -> Response:
+async def match_picture(search_id: str, image_id: ImageId, service: ServiceDep) -> Response:
     """The query of a recent search and an indexed image side by side, with the verified
     correspondences (green) and the rejected matches (red)."""
     picture = await service.match_picture(search_id, image_id)
@@ -113,7 +118,7 @@ async def match_picture(search_id: str, image_id: int, service: ServiceDep) -> R
     responses={200: {"content": {"image/*": {}}}},
 )
 def image(
-    image_id: int,
+    image_id: ImageId,
     service: ServiceDep,
     size: Annotated[
         int | None, Query(ge=16, le=1024, description="Thumbnail: longer side in px (JPEG).")
@@ -147,7 +152,7 @@ async def add_images(
 
 
 @router.delete("/images/{image_id}", tags=["index"], dependencies=[Depends(require_token)])
-async def remove_image(image_id: int, service: ServiceDep) -> RemoveResponse:
+async def remove_image(image_id: ImageId, service: ServiceDep) -> RemoveResponse:
     """Remove an image from the index; needs the token."""
     return await service.remove(image_id)
 

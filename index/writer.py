@@ -142,6 +142,8 @@ class IndexWriter:
         self._view: FeatureStore | None = None
         self._removing = np.zeros(0, np.int64)
         """Ids a running `publish` removes in its commit (the view leaves them out)."""
+        self._replaced: set[str] = set()
+        """Files of the generations this writer's commits replaced (`_commit`)."""
         self.vectors: VectorBackend = vector_backend(
             paths.root, config.vector_store, config.index_type
         )
@@ -358,7 +360,7 @@ class IndexWriter:
         if len(self._removing):
             deletes = np.union1d(unpack_ids(m.catalog_deletes), self._removing)
             new.catalog_deletes = pack_ids(deletes)
-        new.generation, new.previous_files = gen, m.files()
+        new.generation = gen
         self._commit(new)
         checkpoint("publish:manifest")
         report.generation, report.images = gen, len(view)
@@ -416,7 +418,7 @@ class IndexWriter:
         ids = view.ids()
         raw = view.global_descriptors() if len(ids) else np.zeros((0, self.global_dim), np.float32)
         self.vectors.rebuild(new, gen, ids, whitening.apply(raw))
-        new.generation, new.previous_files = gen, m.files()
+        new.generation = gen
         self._commit(new)
         checkpoint("whitening:manifest")
         self._finish_vectors()
@@ -505,6 +507,15 @@ class IndexWriter:
         return FileEntry(name=name, bytes=path.stat().st_size, sha256=file_sha256(path))
 
     def _commit(self, new: Manifest) -> None:
+        """The one manifest switch (the commit point of every operation). Every switch raises
+        the generation, and `previous_files` are the files of every generation this writer
+        replaced since it opened: readers still on one of them keep their files until the
+        next writer's garbage collection (`collect_garbage` keeps the current and the previous
+        files, nothing else)."""
+        old = self.manifest
+        new.generation = max(new.generation, old.generation + 1)
+        self._replaced.update(old.files())
+        new.previous_files = sorted(self._replaced - set(new.files()))
         self._save(new)
         self.manifest = new
         self._invalidate()
@@ -554,7 +565,7 @@ class IndexWriter:
         if m.published:
             gen = m.generation + 1
             report.tombstones = self.vectors.remove(m, new, gen, ids_arr, tombstone)
-            new.generation, new.previous_files = gen, m.files()
+            new.generation = gen
             report.generation = gen
         new.segments = [s for s in new.segments if len(s.live_ids())]
         new.pending = [s for s in new.pending if len(s.live_ids())]
@@ -603,7 +614,6 @@ class IndexWriter:
         new = m.model_copy(deep=True)
         keep = [s for k, s in enumerate(m.segments) if k not in group]
         new.segments = keep[: group[0]] + [entry] + keep[group[0] :]
-        new.previous_files = sorted(set(m.previous_files) | set(m.files()))
         self._commit(new)
 
     # --- re-encoding ---------------------------------------------------------------------------
@@ -637,7 +647,6 @@ class IndexWriter:
         finally:
             store.close()
         new.segments = rewritten
-        new.previous_files = sorted(set(old.previous_files) | set(old.files()))
         self._commit(new)
         self.paths.write_config(config)
 

@@ -4,6 +4,7 @@ and garbage collection keep one consistent view, and readers on a snapshot are n
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,48 @@ def test_catalog_statuses_follow_the_manifest(tmp_path: Path) -> None:
     assert writer.catalog.get([1])[1].status == Status.FAILED.value
     writer.close()
     assert Manifest.load(tmp_path / "idx").vector_count == 1
+
+
+def test_every_switch_raises_the_generation_and_compactions_reclaim_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: four compactions left every segment file on disk and kept the generation."""
+    root = tmp_path / "idx"
+    saved: list[tuple[int, str]] = []
+    real_save = Manifest.save
+
+    def recording_save(self: Manifest, where: Path) -> None:
+        published = self.model_dump(
+            include={"segments", "whitening", "whitening_other", "vectors", "collection", "codec"}
+        )
+        saved.append((self.generation, json.dumps(published, sort_keys=True)))
+        real_save(self, where)
+
+    monkeypatch.setattr(Manifest, "save", recording_save)
+    rng = np.random.default_rng(6)
+    first_session: set[str] = set()
+    for session in range(5):
+        if session == 0:
+            writer = _writer(root)
+        else:
+            writer = IndexWriter.open(IndexPaths(root))
+            writer.bind_extractors("gfp", "lfp", GDIM)
+        for k in range(3):
+            writer.commit_batch(_extracted(rng, [f"s{session}-{k}"]))
+        writer.publish(refit=session == 0)
+        writer.compact(full=True)
+        writer.collect_garbage()
+        if session == 0:
+            first_session = {f for f in writer.manifest.files() if f.startswith("segments/")}
+        writer.close()
+    for (gen_a, pub_a), (gen_b, pub_b) in zip(saved, saved[1:]):
+        assert gen_b >= gen_a
+        if pub_b != pub_a:
+            assert gen_b > gen_a, "a manifest switch kept its generation"
+    m = Manifest.load(root)
+    on_disk = {p.relative_to(root).as_posix() for p in (root / "segments").glob("*.h5")}
+    assert on_disk <= set(m.files()) | set(m.previous_files)
+    assert not on_disk & first_session  # an earlier session's segments are reclaimed
+    assert len(on_disk) <= 2 + 3  # the merged one, and what the last session replaced
+    assert len(m.live_ids()) == 15
+    assert check_index(root, deep=True).ok

@@ -286,7 +286,7 @@ def test_every_switch_raises_the_generation_and_compactions_reclaim_disk(
         if session == 0:
             first_session = {f for f in writer.manifest.files() if f.startswith("segments/")}
         writer.close()
-    for (gen_a, pub_a), (gen_b, pub_b) in zip(saved, saved[1:]):
+    for (gen_a, pub_a), (gen_b, pub_b) in zip(saved, saved[1:], strict=False):
         assert gen_b >= gen_a
         if pub_b != pub_a:
             assert gen_b > gen_a, "a manifest switch kept its generation"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -269,7 +270,17 @@ def test_health_info_page_and_docs(client: TestClient, served_index: Served) -> 
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["images"] == 12
     info = client.get("/info").json()
-    assert info == index_info(served_index.index)
+    local = index_info(served_index.index)  # the same, with folders by name only
+    assert info["index"] == served_index.index.name and str(served_index.index) not in str(info)
+    assert {k: v for k, v in info.items() if k not in ("index", "config", "service")} == {
+        k: v for k, v in local.items() if k not in ("index", "config")
+    }
+    assert info["service"] == {
+        "token_required": False,
+        "private_reads": False,
+        "max_body_bytes": 25 * 2**20,
+        "max_pixels": 150_000_000,
+    }
     page = client.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text
     assert client.get("/static/app.js").status_code == 200
@@ -368,6 +379,20 @@ def test_updates_without_the_token_are_refused_before_the_body_is_read() -> None
     assert sent[0]["status"] == 401
 
 
+def test_private_reads_need_the_token_everywhere_but_the_page(served_index: Served) -> None:
+    with _client(served_index.index, token=TOKEN, private_reads=True) as c:
+        for url in ("/info", "/images", "/images/1", "/matches/0123456789abcdef/1.png"):
+            r = c.get(url)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", url
+        assert c.post("/search", files=_upload(QUERY, "image")).status_code == 401
+        assert c.get("/info", headers=AUTH).status_code == 200
+        assert c.post("/search", headers=AUTH, files=_upload(QUERY, "image")).status_code == 200
+        assert c.get("/").status_code == 200 and c.get("/health").status_code == 200
+        assert c.get("/static/app.js").status_code == 200
+    with pytest.raises(ValueError, match="private_reads needs a token"):
+        ServerSettings(index=served_index.index, private_reads=True)
+
+
 def test_add_search_and_remove(writer: TestClient, writable: Served) -> None:
     before = writer.get("/health").json()
     r = writer.post(
@@ -376,8 +401,14 @@ def test_add_search_and_remove(writer: TestClient, writable: Served) -> None:
     assert r.status_code == 200, r.text
     (added,) = r.json()["files"]
     assert added["outcome"] == "added" and added["name"] == OTHER.name
-    stored = Path(added["path"])
-    assert stored.parent == writable.index.resolve() / "uploads" and stored.is_file()
+    assert added["path"].startswith("uploads/")  # never an absolute server path
+    stored = writable.index.resolve() / added["path"]
+    assert stored.is_file()
+    listed = writer.get("/images", params={"limit": 1000}).json()["images"]
+    assert added["path"] in {i["path"] for i in listed}
+    assert not any(Path(i["path"]).is_absolute() for i in listed)
+    info = writer.get("/info").json()
+    assert info["index"] == writable.index.name and str(writable.index) not in json.dumps(info)
     assert r.json()["generation"] > before["generation"]
     top = _search(writer, OTHER, k=1)
     assert top["results"][0]["id"] == added["id"] and top["landmark"] == "san_marco"

@@ -48,7 +48,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     install_error_handlers(app, settings.retry_after)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(TokenGate, token=settings.token)  # outermost: before any body is read
+    app.add_middleware(  # outermost: before any body is read
+        TokenGate, token=settings.token, private_reads=settings.private_reads
+    )
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -40,7 +40,7 @@ class Unauthorized(ServiceError):
     pass
 
 
-UNAUTHORIZED = "index updates need the service's token: 'Authorization: Bearer TOKEN'"
+UNAUTHORIZED = "this request needs the service's token: 'Authorization: Bearer TOKEN'"
 
 
 class Overloaded(ServiceError):

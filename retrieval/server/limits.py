@@ -153,22 +153,33 @@ def token_matches(authorization: str | None, token: str) -> bool:
     return scheme.lower() == "bearer" and secrets.compare_digest(given.encode(), token.encode())
 
 
-class TokenGate:
-    """ASGI middleware refusing index updates without the token before their body is read, so
-    a client without it cannot make the service receive an upload first (the routes check the
-    token too: `routes.require_token`)."""
+OPEN_PATHS = ("/", "/health")
+"""What stays open with private reads: the page (its data comes through the API) and the
+liveness check."""
 
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
+
+class TokenGate:
+    """ASGI middleware refusing requests that need the token before their body is read, so a
+    client without it cannot make the service receive an upload first (the routes check the
+    token of updates too: `routes.require_token`). Updates always need it; with
+    `private_reads`, every request but OPEN_PATHS does."""
+
+    def __init__(self, app: ASGIApp, token: str | None, private_reads: bool = False) -> None:
         self.app = app
         self.token = token
+        self.private_reads = private_reads
+
+    def needs_token(self, scope: Scope) -> bool:
+        if self.token is None or scope["type"] != "http":
+            return False
+        path = scope["path"]
+        if scope["method"] in WRITES and path.startswith("/images"):
+            return True
+        return self.private_reads and path not in OPEN_PATHS and not path.startswith("/static/")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            self.token is not None
-            and scope["type"] == "http"
-            and scope["method"] in WRITES
-            and scope["path"].startswith("/images")
-        ):
+        if self.needs_token(scope):
+            assert self.token is not None
             header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not token_matches(header, self.token):
                 refused = Unauthorized(UNAUTHORIZED)

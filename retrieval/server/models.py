@@ -99,3 +99,6 @@ class IndexInfo(BaseModel):
     segments: int
     pending: int
     bytes: dict[str, int]
+    service: dict[str, object] = {}
+    """What clients need to know of this service: token_required (for index updates),
+    private_reads (for everything), max_body_bytes, max_pixels."""

@@ -115,9 +115,10 @@ class Service:
         result = self.retriever.search(self.decode(upload), conf)
         matchers = {m.id: m.matcher for m in result.matches}
         search_id = self.recent.put(upload.data, result.query, conf, matchers)
-        return SearchResponse.model_validate(
-            {**result_json(upload.name, result), "search_id": search_id}
-        )
+        shown = result_json(upload.name, result)
+        for match in shown["results"]:
+            match["path"] = self.shown_path(match["path"])
+        return SearchResponse.model_validate({**shown, "search_id": search_id})
 
     async def recognize(self, upload: Upload, conf: SearchConf) -> RecognizeResponse:
         return await self.reads.run(self._recognize, upload, conf)
@@ -183,7 +184,12 @@ class Service:
             total = s.scalar(select(func.count()).select_from(ImageRecord).where(*where)) or 0
             q = select(ImageRecord).where(*where).order_by(ImageRecord.id)
             rows = s.scalars(q.offset(offset).limit(limit))
-            images = [ImageOut.model_validate(r, from_attributes=True) for r in rows]
+            images = [
+                ImageOut.model_validate(r, from_attributes=True).model_copy(
+                    update={"path": self.shown_path(r.path)}
+                )
+                for r in rows
+            ]
         return ImageList(total=total, offset=offset, images=images)
 
     # --- index updates -------------------------------------------------------------------------
@@ -244,7 +250,11 @@ class Service:
         elif record.status == "duplicate":
             outcome = "duplicate"
         return UploadOutcome(
-            name=upload.name, path=record.path, outcome=outcome, id=record.id, reason=record.reason
+            name=upload.name,
+            path=self.shown_path(record.path),
+            outcome=outcome,
+            id=record.id,
+            reason=record.reason,
         )
 
     def _catalog_names(self, file: Path) -> list[str]:
@@ -279,4 +289,30 @@ class Service:
         return Health(generation=snapshot.generation, images=snapshot.manifest.vector_count)
 
     def info(self) -> IndexInfo:
-        return IndexInfo.model_validate(self.retriever.info())
+        """`retr index info`, with the index and corpus folders by name only, and what the page
+        needs to know of the service (`service`: whether a token is needed, for writes or for
+        everything, and the upload limits)."""
+        info = self.retriever.info()
+        info["index"] = Path(str(info["index"])).name
+        config = dict(info.get("config") or {})  # type: ignore[call-overload]
+        if config.get("corpus"):
+            config["corpus"] = Path(str(config["corpus"])).name
+        settings = self.settings
+        shown = {
+            "token_required": settings.token is not None,
+            "private_reads": settings.private_reads,
+            "max_body_bytes": settings.max_body_bytes,
+            "max_pixels": settings.max_pixels,
+        }
+        return IndexInfo.model_validate({**info, "config": config, "service": shown})
+
+    def shown_path(self, path: str) -> str:
+        """A catalog path as clients see it: never an absolute server path. Corpus paths are
+        already relative to the corpus; uploads are `uploads/<sha256>.<ext>`; any other
+        absolute path (a file added from outside the corpus) shows its name only."""
+        p = Path(path)
+        if not p.is_absolute():
+            return path
+        if p.parent == self.uploads:
+            return f"{UPLOADS_DIR}/{p.name}"
+        return p.name

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from features.core import StrictConf
 from features.image import MAX_PIXELS
@@ -21,6 +21,9 @@ class ServerSettings(StrictConf):
     """auto, cpu or cuda."""
     token: str | None = None
     """Bearer token that index updates (POST /images, DELETE /images/{id}) need; None: open."""
+    private_reads: bool = False
+    """With a token: searches, images, matches and /info need the token too (only the page,
+    its static files and /health stay open)."""
     max_body_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     """Largest request body accepted (413 above it)."""
     max_pixels: int = Field(default=MAX_PIXELS, ge=1)
@@ -42,3 +45,9 @@ class ServerSettings(StrictConf):
     """Recent searches whose match pictures stay available."""
     scratch: Path | None = None
     """Folder for recent searches (shared by the worker processes); None: a temporary one."""
+
+    @model_validator(mode="after")
+    def _private_reads_need_a_token(self) -> ServerSettings:
+        if self.private_reads and not self.token:
+            raise ValueError("private_reads needs a token (--token or $RETR_TOKEN)")
+        return self

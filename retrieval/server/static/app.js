@@ -14,8 +14,11 @@ function el(tag, props = {}, children = []) {
   return node;
 }
 
+let service = { token_required: false, private_reads: false };  // from /info, once read
+
 async function call(url, options = {}) {
-  const response = await fetch(url, options);
+  // Every request carries the token when one is entered: with --private-reads, reads need it.
+  const response = await fetch(url, { ...options, headers: { ...authHeaders(), ...(options.headers ?? {}) } });
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
     const retry = response.headers.get("retry-after");
@@ -31,6 +34,51 @@ function authHeaders() {
   return token ? { Authorization: `Bearer ${token}` } : {};
 }
 
+// Object URLs this page made, by the <img> showing each: revoked when the image changes, so a
+// long session holds only what it shows.
+const objectUrls = new WeakMap();
+
+function showBlob(img, blob) {
+  const old = objectUrls.get(img);
+  if (old) URL.revokeObjectURL(old);
+  const url = URL.createObjectURL(blob);
+  objectUrls.set(img, url);
+  img.src = url;
+}
+
+// An image of the API: fetched with the token (an <img src> cannot send it) when reads are
+// private, else loaded directly by the browser (lazily).
+function setImage(img, url) {
+  if (!service.private_reads) {
+    img.src = url;
+    return;
+  }
+  fetch(url, { headers: authHeaders() })
+    .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(r.statusText))))
+    .then((blob) => showBlob(img, blob))
+    .catch(() => img.dispatchEvent(new Event("error")));
+}
+
+function image(url, props) {
+  const img = el("img", props);
+  setImage(img, url);
+  return img;
+}
+
+function canWrite() {
+  return !service.token_required || $("token").value.trim() !== "";
+}
+
+async function readService() {
+  try {
+    const info = await call("/info");
+    service = info.service ?? service;
+    $("k").max = String(Math.max(1, info.vectors));
+  } catch (error) {
+    // /info needs the token with --private-reads: the page asks for it when it is used
+  }
+}
+
 // --- search ------------------------------------------------------------------------------
 
 async function search(file) {
@@ -38,7 +86,7 @@ async function search(file) {
   form.append("image", file);
   const params = new URLSearchParams({ k: $("k").value, rerank: $("rerank").checked });
   $("status").textContent = `searching ${file.name}…`;
-  $("query-preview").src = URL.createObjectURL(file);
+  showBlob($("query-preview"), file);
   try {
     const result = await call(`/search?${params}`, { method: "POST", body: form });
     show(result);
@@ -59,7 +107,7 @@ function show(result) {
   $("match").hidden = true;
   result.results.forEach((m, i) => {
     const card = el("button", { type: "button", className: "card", title: m.path }, [
-      el("img", { src: `/images/${m.id}?size=256`, alt: m.path, loading: "lazy" }),
+      image(`/images/${m.id}?size=256`, { alt: m.path, loading: "lazy" }),
       el("div", { className: "label", textContent: `${i + 1}. ${m.label ?? "—"}` }),
       el("div", { className: "muted", textContent: `global ${m.global_score.toFixed(3)}` }),
       el("div", {
@@ -87,7 +135,7 @@ function showMatch(searchId, match, card) {
   img.onerror = () => {
     $("match-caption").textContent = `no match picture for ${match.path} (search again?)`;
   };
-  img.src = `/matches/${searchId}/${match.id}.png`;
+  setImage(img, `/matches/${searchId}/${match.id}.png`);
 }
 
 // --- the index ---------------------------------------------------------------------------
@@ -95,6 +143,7 @@ function showMatch(searchId, match, card) {
 async function loadIndex() {
   try {
     const info = await call("/info");
+    service = info.service ?? service;
     const rows = [["generation", info.generation], ["vectors", info.vectors],
       ...Object.entries(info.images).map(([status, n]) => [`images ${status}`, n]),
       ["local features", info.config.local_method], ["global model", info.config.global_model]];
@@ -116,15 +165,16 @@ async function loadImages() {
   $("prev").disabled = offset === 0;
   $("next").disabled = offset + PAGE >= list.total;
   $("images").tBodies[0].replaceChildren(...list.images.map((r) => {
-    const remove = el("button", { type: "button", textContent: "remove" });
+    // a remove button only where it can work: the service needs no token, or one is entered
+    const remove = el("button", { type: "button", textContent: "remove", className: "remove" });
     remove.addEventListener("click", () => removeImage(r));
     return el("tr", {}, [
       el("td", { textContent: r.id }),
-      el("td", {}, [el("img", { src: `/images/${r.id}?size=64`, alt: "", loading: "lazy" })]),
+      el("td", {}, [image(`/images/${r.id}?size=64`, { alt: "", loading: "lazy" })]),
       el("td", { textContent: r.path }),
       el("td", { textContent: r.label ?? "" }),
       el("td", { textContent: r.status }),
-      el("td", {}, [remove]),
+      el("td", {}, canWrite() ? [remove] : []),
     ]);
   }));
 }
@@ -132,7 +182,7 @@ async function loadImages() {
 async function removeImage(record) {
   if (!confirm(`Remove ${record.path} from the index?`)) return;
   try {
-    await call(`/images/${record.id}`, { method: "DELETE", headers: authHeaders() });
+    await call(`/images/${record.id}`, { method: "DELETE" });
     await loadIndex();
   } catch (error) {
     alert(`not removed: ${error.message}`);
@@ -149,7 +199,7 @@ async function addImages(event) {
   const out = $("add-result");
   out.replaceChildren(el("li", { className: "muted", textContent: `indexing ${files.length} file(s)…` }));
   try {
-    const result = await call("/images", { method: "POST", body: form, headers: authHeaders() });
+    const result = await call("/images", { method: "POST", body: form });
     out.replaceChildren(...result.files.map((f) =>
       el("li", { textContent: `${f.name}: ${f.outcome}${f.id ? ` (id ${f.id})` : ""}${f.reason ? ` — ${f.reason}` : ""}` })));
     await loadIndex();
@@ -168,6 +218,10 @@ function switchTo(view) {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("token").value = sessionStorage.getItem("retr-token") ?? "";
+  $("token").addEventListener("change", () => readService().then(() => {
+    if ($("index-view").classList.contains("active")) loadIndex();
+  }));
+  readService();
   for (const t of document.querySelectorAll(".tab")) t.addEventListener("click", () => switchTo(t.dataset.view));
   $("file").addEventListener("change", () => $("file").files[0] && search($("file").files[0]));
   const drop = $("drop");

@@ -138,6 +138,27 @@ def test_options_that_contradict_the_index_are_refused(mini, mini_result, index_
         run_eval(mini, index_dir, IndexConfig.parse({"local_conf": {"max_keypoints": 64}}))
 
 
+def test_another_index_or_folder_is_refused_and_left_alone(
+    mini, mini_result, index_dir, tmp_path: Path
+) -> None:
+    """Issue 24: a benchmark pointed at another corpus's index added a whole database to it."""
+    foreign = tmp_path / "foreign"
+    shutil.copytree(index_dir, foreign, symlinks=True)  # its corpus is index_dir/corpus
+    shutil.rmtree(foreign / "corpus")
+    before = sorted((p.relative_to(foreign), p.stat().st_mtime_ns) for p in foreign.rglob("*"))
+    with pytest.raises(ConfigError, match="not by an evaluation: pass a new --index folder"):
+        run_eval(mini, foreign)
+    assert sorted((p.relative_to(foreign), p.stat().st_mtime_ns) for p in foreign.rglob("*")) == (
+        before
+    )
+    busy = tmp_path / "photos"
+    busy.mkdir()
+    (busy / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="folder with other files and no index"):
+        run_eval(mini, busy)
+    assert [p.name for p in busy.iterdir()] == ["holiday.jpg"]
+
+
 def test_recognition_ignores_junk_such_as_the_query_itself(mini_result, index_dir) -> None:
     # Leave-one-out: the query is indexed, would come first with score 1, and is junk.
     retriever = Retriever.open(index_dir)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from features.core import RetrError
+from features.core import ConfigError, RetrError
 from features.pipeline import Described
 from index.catalog import Status
 from index.layout import IndexConfig, IndexPaths, settle_config
@@ -183,6 +183,7 @@ def prepare_index(
     `config`), else build it incrementally (new files are extracted, known ones only
     relabelled)."""
     paths = IndexPaths(index_dir)
+    _check_own_index(paths)
     if paths.exists():
         existing = paths.read_config()
         if settle_config(existing, config) == existing:
@@ -202,6 +203,29 @@ def prepare_index(
         duplicates=len(report.duplicates),
         seconds=report.seconds,
     )
+
+
+def _check_own_index(paths: IndexPaths) -> None:
+    """An evaluation builds into, and reuses, only an index it made itself (its corpus is the
+    folder of links it keeps inside the index): any other index, or a folder with other files,
+    is refused in one line and never modified."""
+    root = paths.root
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ConfigError(f"--index {root} is a file; pass a new folder for the evaluation index")
+    own = (root / CORPUS_DIR).resolve()
+    if paths.exists():
+        corpus = paths.read_config().corpus
+        if corpus is None or Path(corpus).resolve() != own:
+            raise ConfigError(
+                f"index {root} was built from {corpus or 'another corpus'}, not by an "
+                "evaluation: pass a new --index folder (an evaluation never changes another index)"
+            )
+    elif any(root.iterdir()):
+        raise ConfigError(
+            f"--index {root} is a folder with other files and no index: pass a new or empty folder"
+        )
 
 
 def link_corpus(dataset: Dataset, corpus: Path) -> Path:

@@ -68,6 +68,10 @@ CONNECT_TIMEOUT_S = 10
 """Seconds to reach a database server."""
 
 
+LOST_FEATURES = "features lost"
+"""How the reason of a row whose features a repair dropped starts (index.maintenance)."""
+
+
 class Status(str, enum.Enum):
     INDEXED = "indexed"
     PENDING = "pending"
@@ -242,6 +246,16 @@ class Catalog:
                 ImageRecord.status == Status.PENDING.value
             )
             return {int(i): str(h) for i, h in s.execute(q)}
+
+    def lost_features(self) -> int:
+        """Rows whose features a repair dropped with a damaged segment and that no update has
+        extracted again (pending, with the repair's reason)."""
+        with self._guard("counting"), self.session() as s:
+            q = select(func.count()).where(
+                ImageRecord.status == Status.PENDING.value,
+                ImageRecord.reason.like(f"{LOST_FEATURES}%"),
+            )
+            return int(s.scalar(q) or 0)
 
     def status_counts(self) -> dict[str, int]:
         """Rows per status (one GROUP BY)."""

@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 
 from features.core import IndexError_, RetrError, file_sha256
-from index.catalog import Catalog, ImageRecord, Status
+from index.catalog import LOST_FEATURES, Catalog, ImageRecord, Status
 from index.encoding import ProductQuantizer
 from index.layout import IndexConfig, IndexPaths, parse_config
 from index.lock import WriteLock
@@ -493,7 +493,7 @@ def _drop_damaged(
     catalog.set_status(
         list(records),
         Status.PENDING,
-        "features lost in a damaged segment; `retr index update` extracts them again",
+        f"{LOST_FEATURES} in a damaged segment; `retr index update` extracts them again",
     )
     report.reextract += sorted(r.path for r in records.values())
     return manifest
@@ -523,7 +523,7 @@ def _reconcile(
         catalog.set_status(
             [r.id for r in lost],
             Status.PENDING,
-            "features lost; `retr index update` extracts them again",
+            f"{LOST_FEATURES}; `retr index update` extracts them again",
         )
         report.reextract += sorted(r.path for r in lost)
     manifest.segments = [s for s in manifest.segments if len(s.live_ids())]

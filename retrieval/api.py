@@ -52,6 +52,7 @@ class Retriever:
         self._lock = threading.Lock()
         self.build_report: BuildReport | None = None
         self._check_catalog()
+        self._warn_lost()
 
     @classmethod
     def open(cls, index_dir: str | Path, db: str | None = None, device: Any = None) -> Retriever:
@@ -86,6 +87,19 @@ class Retriever:
             raise IndexError_(
                 f"catalog {mask_url(self.catalog.url)} is empty but {self.paths.root} holds "
                 f"{held} images; pass the --db it was built with, or {self.paths.repair_hint()}"
+            )
+
+    def _warn_lost(self) -> None:
+        """Say once, at open, when a repair left images without features: searches cannot
+        return them until `retr index update` extracts them again."""
+        lost = self.catalog.lost_features()
+        if lost:
+            logger.warning(
+                "%s: %d images lost their features in a repair and are not searchable; run "
+                "`retr index update --index %s` to extract them again",
+                self.paths.root,
+                lost,
+                self.paths.root,
             )
 
     # --- the index generation ------------------------------------------------------------------

@@ -135,6 +135,8 @@ def test_damage_is_named_checked_and_repaired(
     assert code == 0 and "repaired:" in output, output
     if "segment" in case:  # its features are lost: listed, then extracted again
         assert "retr index update" in output
+        code, output = _run("query", str(QUERIES[0]), "--index", str(idx), "-k", "3")
+        assert code == 0 and output.count("lost their features in a repair") == 1, output
         code, output = _run("index", "update", "--index", str(idx), "-q")
         assert code == 0 and "updated" in output, output
     code, output = _run("index", "check", "--index", str(idx), "--deep")

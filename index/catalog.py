@@ -171,6 +171,8 @@ class Catalog:
                         f"the --db the index was built with{self._hint()}"
                     )
         except (SQLAlchemyError, ImportError, ArgumentError, ValueError) as exc:
+            if _unreachable(_first_line(exc)):
+                raise self._failure("open", exc) from None
             raise IndexError_(
                 f"cannot open catalog {self.shown}: {_first_line(exc)}{self._hint()}"
             ) from None
@@ -184,9 +186,18 @@ class Catalog:
         try:
             yield
         except SQLAlchemyError as exc:
-            raise IndexError_(
-                f"catalog {self.shown}: {what} failed: {_first_line(exc)}{self._hint()}"
-            ) from None
+            raise self._failure(what, exc) from None
+
+    def _failure(self, what: str, exc: BaseException) -> IndexError_:
+        """One line for a failed database step: an unreachable server says so (the data is
+        not at fault, so no repair hint); anything else names the catalog and the fix."""
+        first = _first_line(exc)
+        if _unreachable(first):
+            return CatalogUnreachableError(
+                f"catalog {self.shown}: {what} failed: the server is unreachable ({first}); "
+                "check that it is running and reachable from here, then retry"
+            )
+        return IndexError_(f"catalog {self.shown}: {what} failed: {first}{self._hint()}")
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -466,6 +477,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     cur.execute("PRAGMA synchronous=FULL")
     cur.close()
+
+
+class CatalogUnreachableError(IndexError_):
+    """The catalog's database server cannot be reached (refused, timed out, unknown host)."""
+
+
+UNREACHABLE = (
+    "connection refused",
+    "timeout expired",
+    "timed out",
+    "could not translate host",
+    "name or service not known",
+    "temporary failure in name resolution",
+    "no route to host",
+    "network is unreachable",
+    "server closed the connection",
+)
+"""What database drivers (psycopg, SQLAlchemy) say when the server cannot be reached."""
+
+
+def _unreachable(message: str) -> bool:
+    low = message.lower()
+    return any(s in low for s in UNREACHABLE)
 
 
 def _first_line(exc: BaseException) -> str:

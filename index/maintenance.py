@@ -33,7 +33,7 @@ from typing import TypeVar
 import numpy as np
 
 from features.core import IndexError_, RetrError, file_sha256
-from index.catalog import LOST_FEATURES, Catalog, ImageRecord, Status
+from index.catalog import LOST_FEATURES, Catalog, CatalogUnreachableError, ImageRecord, Status
 from index.encoding import ProductQuantizer
 from index.layout import IndexConfig, IndexPaths, parse_config
 from index.lock import WriteLock
@@ -401,6 +401,8 @@ def _repaired_catalog(
             catalog.count()
             return catalog
         catalog.dispose()
+    except CatalogUnreachableError:
+        raise  # the server is down, not the data damaged: nothing to repair
     except IndexError_ as exc:
         problem = str(exc)
     if (

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from features.core import IndexError_
 from index.catalog import LOOKUP_BATCH, Catalog, RowChange, Status
 from index.layout import IndexPaths
-from index.maintenance import check_index, index_info
+from index.maintenance import check_index, index_info, repair_index
 from retrieval import Retriever
 from retrieval.building import build_index
 from retrieval.cli import app
@@ -219,11 +219,15 @@ def test_wrong_credentials_and_unreachable_server_are_one_line(postgres, tmp_pat
     refused = r"catalog .*127.0.0.1:1/x: open failed: .*refused"
     with pytest.raises(IndexError_, match=refused) as err:
         Catalog("postgresql+psycopg://retr:pw@127.0.0.1:1/x")
-    assert ":pw@" not in str(err.value)
+    assert ":pw@" not in str(err.value) and "server is unreachable" in str(err.value)
+    assert "repair" not in str(err.value)  # a server that is down is not a damaged catalog
     paths = IndexPaths(tmp_path / "idx")
     synthetic.run(str(paths.root), "build", ["a/x"], db_url=url)
     out = CliRunner().invoke(
         app, ["index", "info", "-i", str(paths.root), "--db", postgres.url(database, "wrong")]
     )
     assert out.exit_code == 1 and len(out.output.strip().splitlines()) == 1, out.output
+    with pytest.raises(IndexError_, match="server is unreachable") as err:
+        repair_index(paths.root, db="postgresql+psycopg://retr:pw@127.0.0.1:1/x")
+    assert "damaged" not in str(err.value) and "backup" not in str(err.value)
     assert check_index(paths.root, deep=True).ok  # nothing was lost

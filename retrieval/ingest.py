@@ -104,6 +104,10 @@ class Job:
     sha: str
     image: Callable[[], np.ndarray] | None = None
     """The file decoded ahead (re-raising what decoding raised), when it was."""
+    replaces: bool = False
+    """Whether its catalog row was indexed: its new features replace searchable ones (an
+    update); a row that never got features (pending after a failed commit, failed before) is
+    added."""
 
     def rgb(self) -> np.ndarray:
         return self.image() if self.image is not None else load_image(self.item.path)
@@ -224,7 +228,8 @@ class Ingester:
         rec_id = rec.id if rec is not None else None
         self._forget(rec_id)
         self.by_sha[sha] = ImageRecord(id=rec_id, path=item.rel, sha256=sha, label=item.label)
-        return Job(item, rec_id, sha, image)
+        replaces = rec is not None and rec.status == Status.INDEXED.value
+        return Job(item, rec_id, sha, image, replaces)
 
     def stage(self, job: Job, described: Described | None, reason: str | None) -> Outcome:
         """Hand one extracted file to the writer (committed with its batch), or record why its
@@ -243,7 +248,7 @@ class Ingester:
         )  # fmt: skip
         if self._due():
             self.flush()
-        return Outcome(job.item.rel, "indexed" if job.rec_id is None else "updated", id=job.rec_id)
+        return Outcome(job.item.rel, "updated" if job.replaces else "indexed", id=job.rec_id)
 
     def ingest(self, item: FileItem, prepared: Future[Prepared] | None = None) -> Outcome:
         """Plan, extract (here, in this process) and stage one file."""

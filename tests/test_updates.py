@@ -198,3 +198,37 @@ def test_add_reads_only_the_rows_it_needs(
     assert report.duplicates == [(copy.as_posix(), f"same content as sacre_coeur/{SACRE[0].name}")]
     monkeypatch.undo()
     assert _consistent(idx) == before
+
+
+def test_an_add_that_ran_out_of_disk_loses_nothing_and_its_rerun_adds(
+    fresh: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: after a full disk, the rerun reported its new images as "updated"."""
+    import errno
+
+    from features.core import IndexWriteError
+    from index import atomic, writer
+
+    corpus, idx = fresh
+    before = _consistent(idx)
+    extra = corpus / "piazza_san_marco"
+    extra.mkdir()
+    for p in SAN_MARCO[:2]:
+        shutil.copy(p, extra / p.name)
+
+    def full(path, data, meta):  # the segment write hits a full disk
+        def fill(tmp: Path) -> None:
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        return atomic.write_atomic(path, fill, exclusive=True)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "write_segment", full)
+        with pytest.raises(IndexWriteError, match="no space left on the device of"):
+            add_images(idx, [extra])
+    assert _consistent(idx) == before  # nothing published, nothing lost
+    report = add_images(idx, [extra])
+    assert sorted(report.added) == sorted(f"piazza_san_marco/{p.name}" for p in SAN_MARCO[:2])
+    assert report.updated == []
+    assert len(_consistent(idx)) == len(before) + 2

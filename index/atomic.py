@@ -81,11 +81,27 @@ def write_atomic(path: Path, write: Callable[[Path], object], exclusive: bool = 
                 f"{path} already exists: another writer published it; run retr index check "
                 f"--index {path.parent.parent}"
             ) from None
-        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        if out_of_space(exc, path.parent):
             raise IndexWriteError(disk_full_message(path.parent, written)) from None
         raise
     fsync_dir(path.parent)
     return path
+
+
+def out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC / EDQUOT, or a library that reports it
+    in its own words (FAISS raises a RuntimeError naming the failed fwrite) on a device with
+    less than 1 MB left."""
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
+    if "No space left" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < (1 << 20)
+    except OSError:
+        return False
 
 
 def disk_full_message(folder: Path, written: int = 0) -> str:

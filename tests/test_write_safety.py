@@ -116,3 +116,99 @@ def test_a_full_disk_during_a_segment_write(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(IndexWriteError, match="no space left"):
         segments.write_segment(target, data, meta)
     assert not target.exists() and list(target.parent.iterdir()) == []
+
+
+# --- a full disk in whole operations (synthetic features: no network runs) --------------------
+
+
+def _synthetic_index(root: Path, segments: int = 10) -> None:
+    """An index of `segments` one-image segments, published without compaction."""
+    import numpy as np
+
+    from features.types import LocalFeatures
+    from index.layout import IndexConfig, IndexPaths
+    from index.writer import Extracted, IndexWriter
+
+    rng = np.random.default_rng(0)
+    with IndexWriter.open(IndexPaths(root), IndexConfig()) as writer:
+        writer.bind_extractors("g", "l", 8)
+        for k in range(segments):
+            d = rng.normal(size=(30, 16)).astype(np.float32)
+            d /= np.linalg.norm(d, axis=1, keepdims=True)
+            kpts = rng.uniform(0, 99, (30, 2)).astype(np.float32)
+            local = LocalFeatures(kpts, np.ones(30, np.float32), d, (100, 100))
+            g = rng.normal(size=8).astype(np.float32)
+            writer.commit_batch([Extracted(f"{k}.jpg", f"sha{k}", None, g, local)])
+        writer.publish(refit=True, compact=False)
+
+
+def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every later fsync of a file being published fails as a full disk does."""
+    from index import atomic
+
+    def no_space(path: Path) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(atomic, "fsync_file", no_space)
+
+
+def _state(root: Path) -> tuple[int, list[int], list[str]]:
+    from index.maintenance import check_index
+    from index.manifest import Manifest
+
+    assert check_index(root, deep=True).ok
+    m = Manifest.load(root)
+    return m.generation, m.live_ids().tolist(), m.files()
+
+
+@pytest.mark.parametrize("operation", ["compact", "whitening"])
+def test_a_full_disk_in_compaction_or_whitening_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation: str
+) -> None:
+    from index.layout import IndexPaths
+    from index.whitening import Whitening
+    from index.writer import IndexWriter
+
+    root = tmp_path / "idx"
+    _synthetic_index(root)
+    before = _state(root)
+
+    def run() -> None:
+        with IndexWriter.open(IndexPaths(root)) as writer:
+            if operation == "compact":
+                writer.compact(full=True)
+            else:  # what `retr train whitening` stores
+                pca = Whitening.load(root / writer.manifest.whitening.name)
+                writer.set_whitening("learned", pca)
+
+    with monkeypatch.context() as patch:
+        _disk_full(patch)
+        with pytest.raises(IndexWriteError) as err:
+            run()
+    assert len(str(err.value).splitlines()) == 1 and "no space left" in str(err.value)
+    assert _state(root) == before
+    assert not [p for p in root.rglob("*") if ".tmp-" in p.name]  # no temporary left
+    run()  # space is back: the rerun completes
+    generation, live, _ = _state(root)
+    assert generation > before[0] and live == before[1]
+
+
+def test_a_library_error_on_a_full_device_is_a_full_disk(tmp_path: Path, monkeypatch) -> None:
+    """FAISS reports a failed fwrite as a RuntimeError of its own; on a full device it is the
+    same one line as ENOSPC."""
+    from collections import namedtuple
+
+    from index import atomic
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda _: usage(10, 10, 0))
+
+    def faiss_like(tmp: Path) -> None:
+        tmp.write_bytes(b"x")
+        raise RuntimeError("Error in faiss::FileIOWriter::operator(): fwrite failed")
+
+    with pytest.raises(IndexWriteError, match="no space left"):
+        write_atomic(tmp_path / "vectors-2.faiss", faiss_like)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="fwrite failed"):  # with space left: the real error
+        write_atomic(tmp_path / "vectors-2.faiss", faiss_like)

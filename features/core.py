@@ -64,6 +64,10 @@ class IndexWriteError(IndexError_):
     new one must be created); what was committed before it is intact."""
 
 
+class DiskFullError(IndexWriteError):
+    """A write ran out of space (or quota); the message names the folder and the space needed."""
+
+
 class DatasetError(RetrError):
     """A dataset directory is missing files or holds files in an unexpected format."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,6 +34,20 @@ class Described:
     """Time per model ("global", "local", or "global+local (shared pass)")."""
 
 
+class ModelsConfig(Protocol):
+    """The model fields of an index configuration (index.layout.IndexConfig has them; features
+    does not import the index layer)."""
+
+    @property
+    def global_model(self) -> str: ...
+    @property
+    def global_conf(self) -> dict[str, Any]: ...
+    @property
+    def local_method(self) -> str: ...
+    @property
+    def local_conf(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class Extractors:
     """The models of one index configuration, built on first use."""
@@ -43,6 +57,14 @@ class Extractors:
     local_name: str
     local_conf: dict[str, Any]
     device: Any = None
+
+    @classmethod
+    def for_index(cls, config: ModelsConfig, device: Any = None) -> Extractors:
+        """The models an index's configuration names (index.layout.IndexConfig, or anything
+        with its four model fields): the one way every caller builds an index's models."""
+        return cls(
+            config.global_model, config.global_conf, config.local_method, config.local_conf, device
+        )
 
     @cached_property
     def global_model(self) -> GlobalExtractor:

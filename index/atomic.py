@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from features.core import IndexWriteError
+from features.core import DiskFullError, IndexWriteError
 
 TMP_MARK = ".tmp-"
 """Temporary files carry this in their name: `<name>.tmp-<pid>`."""
@@ -82,7 +82,7 @@ def write_atomic(path: Path, write: Callable[[Path], object], exclusive: bool = 
                 f"--index {path.parent.parent}"
             ) from None
         if out_of_space(exc, path.parent):
-            raise IndexWriteError(disk_full_message(path.parent, written)) from None
+            raise DiskFullError(disk_full_message(path.parent, written)) from None
         raise
     fsync_dir(path.parent)
     return path
@@ -115,7 +115,7 @@ def disk_full_message(folder: Path, written: int = 0) -> str:
     return (
         f"no space left on the device of {folder} ({free / 2**20:.0f} MB free; this write "
         f"needs at least {need / 2**20:.0f} MB more): free some space and rerun the command; "
-        "nothing already indexed was lost"
+        "what was written before is intact"
     )
 
 

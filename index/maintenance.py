@@ -34,6 +34,7 @@ import numpy as np
 
 from features.core import IndexError_, RetrError, file_sha256
 from index.catalog import LOST_FEATURES, Catalog, CatalogUnreachableError, ImageRecord, Status
+from index.derived import derive, whitenings
 from index.encoding import ProductQuantizer
 from index.layout import IndexConfig, IndexPaths, parse_config
 from index.lock import WriteLock
@@ -536,55 +537,51 @@ def _reconcile(
 def _rebuild_derived(
     paths: IndexPaths, manifest: Manifest, config: IndexConfig, report: RepairReport
 ) -> Manifest:
-    """Whitening refitted if it is lost or damaged; vector index rebuilt if it is lost, damaged
-    or disagrees with the live ids."""
+    """Whitening refitted if it is lost or damaged (a lost learned one falls back to PCA);
+    vector index rebuilt if it is lost, damaged or disagrees with the live ids. Both through
+    index.derived.derive, as a build derives them."""
     if not manifest.segments and not manifest.published:
         return manifest
     store = FeatureStore(paths.root, manifest)
     gen = manifest.generation + 1
     try:
         live = store.ids()
-        whitening = _load_or_none(paths, manifest.whitening, Whitening.load)
-        other = _load_or_none(paths, manifest.whitening_other, Whitening.load)
-        if manifest.whitening_other is not None and other is None:
-            manifest.whitening_other = None
-            report.actions.append("dropped the damaged inactive whitening")
-        refitted = whitening is None
-        if whitening is None and manifest.whitening_kind == "learned":
-            # A learned whitening cannot be derived again without mining: fall back to PCA.
+        sound = {
+            kind: entry
+            for kind, entry in whitenings(manifest).items()
+            if _load_or_none(paths, entry, Whitening.load) is not None
+        }
+        kind = manifest.whitening_kind if manifest.whitening_kind in sound else "pca"
+        if kind != manifest.whitening_kind:
             report.actions.append(
                 "the learned whitening was lost: searches use the PCA whitening until "
                 f"`retr train whitening --index {paths.root}` runs again"
             )
-            manifest.whitening_kind = "pca"
-            if other is not None:
-                whitening, manifest.whitening = other, manifest.whitening_other
-                manifest.whitening_other = None
-        if whitening is None:
-            raw = store.global_descriptors()
-            whitening = (
-                Whitening.fit(raw, config.whitening_shrinkage)
-                if len(raw) > 1
-                else (Whitening.identity(raw.shape[1] if raw.size else 1))
-            )
-            name = f"whitening-{gen}.npz"
-            whitening.save(paths.root / name)
-            manifest.whitening = _entry(paths.root / name)
-            report.actions.append(f"refitted the whitening on {len(live)} images ({name})")
+        other_lost = manifest.whitening_other is not None and len(sound) < len(whitenings(manifest))
+        if other_lost and kind == manifest.whitening_kind:
+            report.actions.append("dropped the damaged inactive whitening")
+        refit = kind not in sound
         backend = vector_backend(paths.root, config.vector_store, config.index_type)
         try:
-            sound = (
-                not refitted
+            active = None if refit else Whitening.load(paths.root / sound[kind].name)
+            vectors_sound = (
+                active is not None
+                and kind == manifest.whitening_kind
                 and manifest.published
                 and _file_sound(paths, manifest.vectors)
-                and not backend.check(manifest, live, whitening.dim)
+                and not backend.check(manifest, live, active.dim)
             )
-            if not sound:
-                raw = store.global_descriptors()
-                vectors = (
-                    whitening.apply(raw) if len(raw) else np.zeros((0, whitening.dim), np.float32)
-                )
-                backend.rebuild(manifest, gen, live, vectors)
+            if vectors_sound:
+                manifest.whitening_other = sound.get("learned" if kind == "pca" else "pca")
+            else:
+                derive(
+                    paths.root, manifest, store, backend, gen, _save_entry(paths),
+                    shrinkage=config.whitening_shrinkage, dim=_global_dim(store),
+                    refit=refit, available=sound,
+                )  # fmt: skip
+                if refit:
+                    name = manifest.whitening.name if manifest.whitening else "?"
+                    report.actions.append(f"refitted the whitening on {len(live)} images ({name})")
                 report.actions.append(
                     f"rebuilt the vectors over {len(live)} images ({backend.where(manifest)})"
                 )
@@ -593,6 +590,20 @@ def _rebuild_derived(
     finally:
         store.close()
     return manifest
+
+
+def _save_entry(paths: IndexPaths) -> Callable[[str, Callable[[Path], object]], FileEntry]:
+    def save(name: str, write: Callable[[Path], object]) -> FileEntry:
+        write(paths.root / name)
+        return _entry(paths.root / name)
+
+    return save
+
+
+def _global_dim(store: FeatureStore) -> int:
+    """The global descriptors' length (1 for an empty store: only the identity's size)."""
+    ids = store.ids()
+    return int(store.global_descriptors(ids[:1]).shape[1]) if len(ids) else 1
 
 
 def _file_sound(paths: IndexPaths, entry: FileEntry | None) -> bool:

@@ -58,6 +58,7 @@ from features.core import IndexError_, StoreMismatchError, file_sha256
 from features.types import LocalFeatures
 from index.atomic import write_bytes_atomic
 from index.catalog import Catalog, RowChange, Status
+from index.derived import derive
 from index.encoding import (
     PQ_MIN_TRAIN,
     ProductQuantizer,
@@ -372,21 +373,12 @@ class IndexWriter:
         return report
 
     def _rebuild_vectors(self, view: FeatureStore, gen: int, new: Manifest) -> None:
-        """Refit the whitening on every live descriptor and build new vectors."""
-        ids = view.ids()
-        raw = view.global_descriptors() if len(ids) else np.zeros((0, self.global_dim), np.float32)
-        whitening = Whitening.fit(raw, self.config.whitening_shrinkage, dim=None)
-        if len(ids) < 2 and self.global_dim:
-            whitening = Whitening.identity(raw.shape[1] or self.global_dim)
-        entry = self._save_file(f"whitening-{gen}.npz", whitening.save)
-        if new.whitening_kind == "learned" and new.whitening is not None:
-            new.whitening_other = entry  # a learned whitening stays; the PCA refit is kept beside
-            whitening = Whitening.load(self.paths.root / new.whitening.name)
-        else:
-            new.whitening = entry
-        checkpoint("publish:whitening")
-        vectors = whitening.apply(raw) if len(raw) else np.zeros((0, whitening.dim), np.float32)
-        self.vectors.rebuild(new, gen, ids, vectors)
+        """Refit the PCA whitening on every live descriptor and build new vectors with the
+        active whitening (a learned one stays active, the refit kept beside it)."""
+        derive(
+            self.paths.root, new, view, self.vectors, gen, self._save_file,
+            shrinkage=self.config.whitening_shrinkage, dim=self.global_dim, refit=True,
+        )  # fmt: skip
 
     def set_whitening(self, use: str, learned: Whitening | None = None) -> PublishReport:
         """Make `use` ("pca" or "learned") the whitening searches apply, storing `learned` first
@@ -399,30 +391,19 @@ class IndexWriter:
                 "`retr index add` to finish it first"
             )
         gen = m.generation + 1
-        entries = {m.whitening_kind: m.whitening}
-        if m.whitening_other is not None:
-            entries["learned" if m.whitening_kind == "pca" else "pca"] = m.whitening_other
-        if learned is not None:
-            entries["learned"] = self._save_file(f"whitening-{gen}.npz", learned.save)
-        if entries.get(use) is None:
-            raise IndexError_(
-                f"{self.paths.root} has no {use} whitening; learn one with "
-                f"`retr train whitening --index {self.paths.root}`"
-            )
         new = m.model_copy(deep=True)
-        new.whitening, new.whitening_kind = entries[use], use
-        new.whitening_other = entries.get("learned" if use == "pca" else "pca")
-        assert new.whitening is not None
-        whitening = Whitening.load(self.paths.root / new.whitening.name)
         view = self.view()
-        ids = view.ids()
-        raw = view.global_descriptors() if len(ids) else np.zeros((0, self.global_dim), np.float32)
-        self.vectors.rebuild(new, gen, ids, whitening.apply(raw))
+        derive(
+            self.paths.root, new, view, self.vectors, gen, self._save_file,
+            shrinkage=self.config.whitening_shrinkage, dim=self.global_dim, use=use,
+            learned=learned,
+        )  # fmt: skip
+        images = len(view.ids())
         new.generation = gen
         self._commit(new)
         checkpoint("whitening:manifest")
         self._finish_vectors()
-        return PublishReport(gen, len(ids), removed_files=self.collect_garbage())
+        return PublishReport(gen, images, removed_files=self.collect_garbage())
 
     def _edit_vectors(
         self, view: FeatureStore, m: Manifest, new: Manifest, gen: int, tombstone: bool | None

@@ -127,10 +127,7 @@ class Retriever:
 
     @cached_property
     def extractors(self) -> Extractors:
-        c = self.config
-        models = Extractors(
-            c.global_model, c.global_conf, c.local_method, c.local_conf, self.device
-        )
+        models = Extractors.for_index(self.config, self.device)
         stored = (
             self._snapshot.manifest.global_fingerprint,
             self._snapshot.manifest.local_fingerprint,

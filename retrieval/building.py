@@ -134,8 +134,7 @@ def _extraction(
 ) -> Iterator[tuple[Models, Extraction | None]]:
     """The models and where extraction runs: here (None), or on Ray workers."""
     if ray is None:
-        c = config
-        yield Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf, device), None
+        yield Extractors.for_index(config, device), None
         return
     from retrieval import distributed
 

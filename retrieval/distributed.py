@@ -121,10 +121,7 @@ class _Worker:
         import torch
 
         torch.set_num_threads(threads)
-        c = IndexConfig.model_validate(config)
-        self.models = Extractors(
-            c.global_model, c.global_conf, c.local_method, c.local_conf, device
-        )
+        self.models = Extractors.for_index(IndexConfig.model_validate(config), device)
         self.identity = (*self.models.fingerprints, self.models.global_dim)
 
     def describe(self, batch: list[tuple[str, bytes]]) -> list[tuple[Described | None, str | None]]:

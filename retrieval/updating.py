@@ -124,8 +124,7 @@ def remove_images(
 
 def _models(writer: IndexWriter, device: Any) -> Extractors:
     """The index's models, built on first use."""
-    c = writer.config
-    return Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf, device)
+    return Extractors.for_index(writer.config, device)
 
 
 def _ingest(

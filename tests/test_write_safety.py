@@ -11,6 +11,7 @@ import stat
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from features.core import ConfigError, IndexLockedError, IndexWriteError, mask_secrets
@@ -212,3 +213,61 @@ def test_a_library_error_on_a_full_device_is_a_full_disk(tmp_path: Path, monkeyp
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="fwrite failed"):  # with space left: the real error
         write_atomic(tmp_path / "vectors-2.faiss", faiss_like)
+
+
+# --- repair derives the whitening and vectors the way a build does (issue 26, point 2) --------
+
+
+def _top10(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and ids of the 10 nearest vectors to 5 fixed queries (raw global descriptors of
+    the index's own images, whitened with its active whitening)."""
+    from index.layout import IndexPaths
+    from index.snapshot import IndexSnapshot
+
+    snap = IndexSnapshot.open(IndexPaths(root))
+    raw = snap.store.global_descriptors(snap.store.ids()[:5])
+    return snap.vectors.search(snap.whitening.apply(raw), 10)
+
+
+@pytest.mark.parametrize("kind", ["pca", "learned"])
+def test_repair_of_lost_whitening_and_vectors_gives_the_same_answers(
+    tmp_path: Path, kind: str
+) -> None:
+    from index.layout import IndexPaths
+    from index.maintenance import repair_index
+    from index.manifest import Manifest
+    from index.whitening import Whitening
+    from index.writer import IndexWriter
+
+    root = tmp_path / "idx"
+    _synthetic_index(root, segments=12)
+    if kind == "learned":  # a whitening of its own (here: a rotation of the PCA one)
+        with IndexWriter.open(IndexPaths(root)) as writer:
+            pca = Whitening.load(root / writer.manifest.whitening.name)
+            q = np.linalg.qr(np.random.default_rng(1).normal(size=(pca.dim, pca.dim)))[0]
+            rotated = Whitening(pca.mean, (q @ pca.projection).astype(np.float32), 0.5)
+            writer.set_whitening("learned", rotated)
+    pca_answers = None
+    if kind == "learned":
+        with IndexWriter.open(IndexPaths(root)) as writer:
+            writer.set_whitening("pca")
+        pca_answers = _top10(root)
+        with IndexWriter.open(IndexPaths(root)) as writer:
+            writer.set_whitening("learned")
+    scores, ids = _top10(root)
+    m = Manifest.load(root)
+    assert m.whitening_kind == kind and m.vectors is not None
+    (root / m.whitening.name).unlink()
+    (root / m.vectors.name).unlink()
+    report = repair_index(root)
+    assert any("rebuilt the vectors" in a for a in report.actions), report.actions
+    after_scores, after_ids = _top10(root)
+    if kind == "pca":  # refitted on the same descriptors: the same answers
+        assert np.array_equal(after_ids, ids)
+        np.testing.assert_allclose(after_scores, scores, atol=1e-5)
+    else:  # a lost learned whitening falls back to the PCA one it kept (documented)
+        assert any("learned whitening was lost" in a for a in report.actions)
+        assert Manifest.load(root).whitening_kind == "pca"
+        assert pca_answers is not None
+        assert np.array_equal(after_ids, pca_answers[1])
+        np.testing.assert_allclose(after_scores, pca_answers[0], atol=1e-5)

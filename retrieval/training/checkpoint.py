@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from features.core import CheckpointError
+from features.core import CheckpointError, DiskFullError
 from features.weights import load_checkpoint
 from index.atomic import write_atomic
 
@@ -28,9 +28,10 @@ def save(obj: dict[str, Any], path: Path) -> Path:
     """torch.save `obj` to `path` atomically; CheckpointError (one line) when it cannot."""
     try:
         return write_atomic(Path(path), lambda tmp: torch.save(obj, tmp))
-    except OSError as exc:
+    except (OSError, DiskFullError) as exc:
         kept = "the previous one is kept" if Path(path).exists() else "nothing was written"
-        reason = exc.strerror or str(exc)
+        full = isinstance(exc, DiskFullError)
+        reason = "No space left on device" if full else (getattr(exc, "strerror", "") or str(exc))
         raise CheckpointError(
             f"cannot save checkpoint {path} ({reason}); {kept}; free space or choose another --out"
         ) from None

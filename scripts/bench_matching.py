@@ -7,8 +7,8 @@ weights (disk, r2d2, sekd, xfeat) it also measures, on the planar pairs of
 estimated from mutual nearest neighbours + MAGSAC++ (the reranker's matching and verification),
 and recall@1 / mAP on the landmarks-mini set after reranking with that method
 (retrieval.evaluation.run_eval), printed next to the global-only numbers. The other methods only
-have seeded random weights in
-../shared/fixtures: they are timed, their matching quality would mean nothing.
+have seeded random weights in ../shared/fixtures: they are timed, their matching quality would
+mean nothing.
 
     python scripts/bench_matching.py --methods disk,sekd --pairs 1 --mini-groups tower_bridge
     python scripts/bench_matching.py --methods xfeat,disk --skip-planar --skip-mini  # timing only

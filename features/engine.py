@@ -38,12 +38,14 @@ within 0.01, like PyTorch's own float32-vs-float64 error (0.001).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -251,7 +253,7 @@ def _export_to(module: nn.Module, dest: Path) -> None:
     axes = {0: "batch", 2: "height", 3: "width"}
     torch.onnx.register_custom_op_symbolic("aten::instance_norm", _instance_norm, OPSET)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _c_stdout_silenced():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
             torch.onnx.export(
                 module.eval(),
@@ -265,6 +267,23 @@ def _export_to(module: nn.Module, dest: Path) -> None:
             )
     finally:
         torch.onnx.unregister_custom_op_symbolic("aten::instance_norm", OPSET)
+
+
+@contextlib.contextmanager
+def _c_stdout_silenced() -> Iterator[None]:
+    """Drop what C++ code writes to file descriptor 1 meanwhile: the TorchScript exporter turns
+    its ONNX log on whatever the caller set (torch 2.13) and dumps the whole IR graph to stdout
+    when an op is not exportable, which would bury the one warning line of the fallback."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _instance_norm(g: Any, x: Any, weight: Any, bias: Any, *rest: Any) -> Any:

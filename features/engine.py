@@ -15,10 +15,13 @@ of tests/test_engine.py (far inside what NMS ties and RANSAC notice), so an inde
 engine keeps accepting queries from another. Engines are CPU-only here: on another device the
 runner is the module.
 
-DEFAULT_ENGINE is "openvino", by measurement (scripts/bench_engine.py, docs/results.md): on this
-project's 2-core AVX-512 CPU it ran DISK's U-Net at 640 px and the EfficientNet-Lite2 pyramid
-faster than both PyTorch and ONNX Runtime, in float32. Lower precisions (bf16, int8) change the
-outputs, so they are not offered as an engine here; the benchmark measures their quality.
+DEFAULT_ENGINE is "onnxruntime", by measurement (scripts/bench_engine.py, docs/results.md): on
+this project's 2-core AVX-512 CPU, in float32, with 1 and with 2 threads, it ran DISK's U-Net at
+640 px (1.37x and 1.57x PyTorch's speed) and the EfficientNet-Lite2 pyramid (3.2x with one
+thread) faster than OpenVINO (1.19x, 1.41x; 2.9x) in the same runs, and it is the smaller
+dependency. Lower precisions change the outputs, so they are not offered as an engine here: the
+benchmark measures their quality (OpenVINO bf16 is the fastest; int8 loses most of DISK's
+keypoints).
 
 The exported graph is cached beside the weights (features.weights.cache_dir()/graphs), named by
 the plug-in's fingerprint and a digest of the versions that could change it (this recipe, torch,
@@ -29,11 +32,11 @@ opened (its stale siblings are removed when the new one is written). A missing e
 export (an op ONNX cannot express) or a graph the engine cannot load falls back to PyTorch with
 one warning line.
 
-Numerics: InstanceNorm (DISK) is exported as explicit means reduced over W, then over H. ONNX's
-InstanceNormalization and a single ReduceMean over H x W both sum about 10^5 values in one float32
-accumulator in ONNX Runtime and OpenVINO, which put DISK's 640 px heatmap 0.07 (ONNX Runtime) and
-0.56 (OpenVINO) away from PyTorch (logits up to about 420); two short reductions bring both to
-within 0.01, like PyTorch's own float32-vs-float64 error (0.001).
+Numerics: InstanceNorm (DISK) is exported as explicit means reduced over W, then over H. With
+ONNX's InstanceNormalization, or one ReduceMean over H x W (about 10^5 values per channel at
+640 px), DISK's heatmap (logits up to about 420) ended 0.07 (ONNX Runtime) and 0.56 (OpenVINO)
+away from PyTorch; with the two shorter reductions 0.001 and 0.006, against 0.0013 between
+PyTorch's float32 and float64 (measured on a landmarks-mini image).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,7 +63,7 @@ from features.weights import cache_dir
 logger = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnxruntime", "openvino")
-DEFAULT_ENGINE = "openvino"
+DEFAULT_ENGINE = "onnxruntime"
 ENV = "RETR_ENGINE"
 OPSET = 17
 RECIPE = 1
@@ -113,13 +117,15 @@ class DenseRunner:
         self.what = what
         self._session: Session | None = None
         self._built = self.engine == "torch"
+        self._lock = threading.Lock()
         self.graph_path: Path | None = None
 
     def prepare(self) -> str:
         """Load (or export) the graph now instead of on the first call; returns `active`."""
-        if not self._built:
-            self._session = self._build()
-            self._built = True
+        with self._lock:  # the service's worker threads share one plug-in
+            if not self._built:
+                self._session = self._build()
+                self._built = True
         return self.active
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,8 +347,8 @@ def open_session(engine: str, path: Path, precision: str = "f32") -> Session:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
-        # ORT's idle workers spin by default, stealing the cores PyTorch's steps around the graph
-        # (NMS, resizing) and other models need: measured, this made PyTorch 10x slower.
+        # ORT's idle workers spin by default, which takes the cores from PyTorch's steps around
+        # the graph (NMS, resizing) and from the other model between calls.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         return lambda x: sess.run(None, {"image": x})[0]
@@ -353,10 +359,12 @@ def open_session(engine: str, path: Path, precision: str = "f32") -> Session:
         core = ov.Core()
         compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
         request = compiled.create_infer_request()
+        lock = threading.Lock()  # one infer request, which threads must not share at once
 
         def run(x: Array) -> Array:
-            request.infer({0: x})
-            return np.array(request.get_output_tensor(0).data, copy=True)
+            with lock:
+                request.infer({0: x})
+                return np.array(request.get_output_tensor(0).data, copy=True)
 
         return run
     raise ConfigError(f"no session for engine '{engine}' (available: {', '.join(ENGINES[1:])})")

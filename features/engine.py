@@ -16,12 +16,12 @@ engine keeps accepting queries from another. Engines are CPU-only here: on anoth
 runner is the module.
 
 DEFAULT_ENGINE is "onnxruntime", by measurement (scripts/bench_engine.py, docs/results.md): on
-this project's 2-core AVX-512 CPU, in float32, with 1 and with 2 threads, it ran DISK's U-Net at
-640 px (1.37x and 1.57x PyTorch's speed) and the EfficientNet-Lite2 pyramid (3.2x with one
-thread) faster than OpenVINO (1.19x, 1.41x; 2.9x) in the same runs, and it is the smaller
-dependency. Lower precisions change the outputs, so they are not offered as an engine here: the
-benchmark measures their quality (OpenVINO bf16 is the fastest; int8 loses most of DISK's
-keypoints).
+this project's 2-core AVX-512 CPU, in float32, it ran DISK at 640 px 1.28x (one thread) and
+1.65x (two threads) faster than PyTorch against OpenVINO's 1.13x and 1.48x, and the
+EfficientNet-Lite2 pyramid 3.3x faster (one thread) against OpenVINO's 2.9x, in the same runs;
+it is also the smaller dependency. Lower precisions change the outputs, so they are not offered
+as an engine (they would have to enter the fingerprint): the benchmark measures them (OpenVINO
+bf16 is the fastest, 4.1x on DISK, but keeps 94% of DISK's keypoints; int8 keeps 86%).
 
 The exported graph is cached beside the weights (features.weights.cache_dir()/graphs), named by
 the plug-in's fingerprint and a digest of the versions that could change it (this recipe, torch,

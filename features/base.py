@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, field_validator
 
 from features.core import StrictConf, file_sha256, parse_conf, pick_device
+from features.engine import DenseRunner, pick_engine
 from features.image import ImageInput, load_image, resize_max, to_pixel_frame
 from features.types import LocalFeatures
 from features.weights import WeightSpec, resolve_weights
@@ -74,7 +75,9 @@ class Plugin(ABC):
     record so that two configurations never mix.
 
     Subclasses set `name`, `Conf`, `licence`, `weights_spec` (None for weight-free models) and
-    build their network in `_init`.
+    build their network in `_init`. `engine` (torch, onnxruntime, openvino; default
+    $RETR_ENGINE, then features.engine.DEFAULT_ENGINE) runs the dense passes a plug-in wraps in
+    `dense_runner`; like `device`, it is not part of the config or the fingerprint.
     """
 
     name: ClassVar[str]
@@ -90,12 +93,14 @@ class Plugin(ABC):
         self,
         conf: StrictConf | dict[str, Any] | None = None,
         device: str | torch.device | None = None,
+        engine: str | None = None,
         **overrides: Any,
     ) -> None:
         values = conf.model_dump() if isinstance(conf, BaseModel) else dict(conf or {})
         values.update(overrides)
         self.conf = parse_conf(self.Conf, values, f"{self.role} '{self.name}'")
         self.device = pick_device(device)
+        self.engine = pick_engine(engine)
         self.weights_path: Path | None = None
         if self.weights_spec is not None:
             self.weights_path = resolve_weights(
@@ -106,6 +111,17 @@ class Plugin(ABC):
     @abstractmethod
     def _init(self) -> None:
         """Build the network and load `self.weights_path`."""
+
+    def dense_runner(self, module: torch.nn.Module, part: str) -> DenseRunner:
+        """`module` ((B, 3, H, W) -> (B, C, h, w), already on self.device) as run by this
+        plug-in's engine; its exported graph is cached under the plug-in's fingerprint."""
+        return DenseRunner(
+            module,
+            key=lambda: f"{self.name}-{part}-{self.fingerprint}",
+            engine=self.engine,
+            device=self.device,
+            what=f"{self.role} '{self.name}' ({part})",
+        )
 
     @cached_property
     def fingerprint(self) -> str:

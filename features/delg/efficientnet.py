@@ -14,6 +14,7 @@ import torch
 
 from features.core import ConfigError
 from features.delg.base import GlobalConf, GlobalExtractor, gem
+from features.engine import MethodOf
 from features.weights import (
     WeightSpec,
     load_checkpoint,
@@ -66,6 +67,7 @@ class EfficientNetDELG(GlobalExtractor):
         state = load_checkpoint(self.weights_path, self.name)
         load_state_dict_strict(net, state, self.weights_path, self.name)
         self.net = net.eval().to(self.device)
+        self.run_backbone = self.dense_runner(MethodOf(self.net, "extract_features"), "backbone")
 
     @property
     def dim(self) -> int:
@@ -76,4 +78,4 @@ class EfficientNetDELG(GlobalExtractor):
         return ((t - MEAN) / STD).permute(2, 0, 1)[None]
 
     def _descriptor(self, x: torch.Tensor) -> torch.Tensor:
-        return gem(self.net.extract_features(x), self.conf.gem_p)[0]
+        return gem(self.run_backbone(x), self.conf.gem_p)[0]

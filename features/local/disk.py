@@ -122,6 +122,7 @@ class DISK(LocalExtractor):
         self.unet = DiskUNet()
         load_state_dict_strict(self.unet, state, self.weights_path, self.name)
         self.unet.eval().to(self.device)
+        self.run_unet = self.dense_runner(self.unet, "unet")
 
     @property
     def descriptor_dim(self) -> int:
@@ -133,7 +134,7 @@ class DISK(LocalExtractor):
         x = image_to_tensor(image, self.device)
         h, w = x.shape[-2:]
         x = F.pad(x, (0, -w % 16, 0, -h % 16))
-        return self.unet(x)[0, :, :h, :w]
+        return self.run_unet(x)[0, :, :h, :w]
 
     def _extract(self, image: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.dense(image)

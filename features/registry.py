@@ -1,17 +1,20 @@
 """Names -> plug-in classes. Explicit so that a grep finds every method.
 
 Plug-in modules are imported only when used, so a heavy or optional dependency of one method never
-slows down or breaks the others.
+slows down or breaks the others, and this module imports no network (nor torch): names are
+checked (`check_local_name`, `check_global_name`) without loading a plug-in.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from features.base import LocalExtractor
 from features.core import ConfigError, parse_conf
-from features.delg.base import GlobalExtractor
+
+if TYPE_CHECKING:
+    from features.base import LocalExtractor
+    from features.delg.base import GlobalExtractor
 
 LOCAL_METHODS: dict[str, str] = {
     "disk": "features.local.disk:DISK",
@@ -28,15 +31,24 @@ LOCAL_METHODS: dict[str, str] = {
 
 def local_class(name: str) -> type[LocalExtractor]:
     """The plug-in class registered as `name`; unknown names list the valid ones."""
+    from features.base import LocalExtractor
+
+    key = check_local_name(name)
+
+    module_name, cls_name = LOCAL_METHODS[key].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    assert issubclass(cls, LocalExtractor)
+    return cls
+
+
+def check_local_name(name: str) -> str:
+    """`name` as registered (lower case); ConfigError listing the valid names if unknown."""
     key = name.lower()
     if key not in LOCAL_METHODS:
         raise ConfigError(
             f"unknown local method '{name}' (available: {', '.join(sorted(LOCAL_METHODS))})"
         )
-    module_name, cls_name = LOCAL_METHODS[key].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    assert issubclass(cls, LocalExtractor)
-    return cls
+    return key
 
 
 def load_local(name: str, conf: dict[str, Any] | None = None, device: Any = None) -> LocalExtractor:
@@ -59,21 +71,31 @@ DEFAULT_LOCAL = "disk"
 def global_class(name: str) -> tuple[type[GlobalExtractor], dict[str, Any]]:
     """The class registered as `name` and the config defaults that select its variant.
     `trained:<CKPT>` is a checkpoint of `retr train global` (features.delg.trained)."""
+    from features.delg.base import GlobalExtractor
+
     if name.startswith("trained:"):
         from features.delg.trained import TrainedDELG
 
         return TrainedDELG, {"weights": name.removeprefix("trained:")}
+    target, defaults = GLOBAL_MODELS[check_global_name(name)]
+    module_name, cls_name = target.split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    assert issubclass(cls, GlobalExtractor)
+    return cls, defaults
+
+
+def check_global_name(name: str) -> str:
+    """`name` as registered (lower case, or `trained:CKPT` as given); ConfigError listing the
+    valid names if unknown."""
+    if name.startswith("trained:"):
+        return name
     key = name.lower()
     if key not in GLOBAL_MODELS:
         raise ConfigError(
             f"unknown global model '{name}' (available: "
             f"{', '.join(sorted(GLOBAL_MODELS))}, trained:CKPT)"
         )
-    target, defaults = GLOBAL_MODELS[key]
-    module_name, cls_name = target.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    assert issubclass(cls, GlobalExtractor)
-    return cls, defaults
+    return key
 
 
 def load_global(

@@ -17,7 +17,7 @@ from retrieval.cli.support import (
     index_config,
     progress_bar,
 )
-from retrieval.search import SearchConf
+from retrieval.search_conf import SearchConf
 
 
 def _search_help(name: str) -> str:

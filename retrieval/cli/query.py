@@ -23,7 +23,7 @@ from retrieval.cli.support import (
     console,
     err_console,
 )
-from retrieval.search import SearchConf
+from retrieval.search_conf import SearchConf
 
 
 def _search_help(name: str) -> str:

@@ -10,8 +10,7 @@ import typer
 
 from features.core import field_default, field_help
 from retrieval.cli.support import QuietOpt, cli_errors, console, progress_bar
-from retrieval.training.loop import LoopConf
-from retrieval.training.whitening import LearnedWhiteningConf
+from retrieval.training.confs import LearnedWhiteningConf, LoopConf
 
 train_app = typer.Typer(
     help="Train retr's models: learned whitening, the DELG global model, MDA.",

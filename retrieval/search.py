@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,20 @@ class SearchResult:
     """The query's local features (when reranked): what match pictures are drawn from."""
     matcher: str = ""
     """The rerank plan the search ran ("" = global ranking only)."""
+
+
+def result_json(image: Path | str, result: SearchResult) -> dict[str, Any]:
+    """One query's result as JSON: what `retr query --json` prints and the HTTP service sends."""
+    rec = result.recognition
+    return {
+        "query": str(image),
+        "landmark": rec.label,
+        "confidence": rec.confidence,
+        "evidence": [m.id for m in rec.evidence],
+        "results": [asdict(m) for m in result.matches],
+        "timings": result.timings,
+        "generation": result.generation,
+    }
 
 
 def search(

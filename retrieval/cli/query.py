@@ -83,6 +83,8 @@ def query(
                 f"wrote {len(written)} match pictures to {show}", highlight=False, soft_wrap=True
             )
     if as_json:
+        from retrieval.search import result_json
+
         sys.stdout.write(json.dumps([result_json(i, r) for i, r in results], indent=2) + "\n")
         return
     for image, result in results:
@@ -140,19 +142,3 @@ def match(
         highlight=False,
         soft_wrap=True,
     )
-
-
-def result_json(image: Path | str, result: Any) -> dict[str, Any]:
-    """One query's result as `retr query --json` prints it (the HTTP service sends the same)."""
-    from dataclasses import asdict
-
-    rec = result.recognition
-    return {
-        "query": str(image),
-        "landmark": rec.label,
-        "confidence": rec.confidence,
-        "evidence": [m.id for m in rec.evidence],
-        "results": [asdict(m) for m in result.matches],
-        "timings": result.timings,
-        "generation": result.generation,
-    }

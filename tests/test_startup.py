@@ -96,7 +96,7 @@ def test_help_shows_the_config_defaults() -> None:
     assert f"[default: {LoopConf().steps}]" in train
 
 
-def test_index_info_and_check_load_no_network(index: Path) -> None:
+def test_index_info_check_and_repair_load_no_network(index: Path) -> None:
     info = _cli("index", "info", "--index", str(index), "--json")
     assert info["exit"] == 0, info["output"]
     assert json.loads(info["output"])["images"] == {"indexed": 13}
@@ -106,6 +106,9 @@ def test_index_info_and_check_load_no_network(index: Path) -> None:
         assert check["exit"] == 0, check["output"]
         assert f"{index}: ok (13 images" in check["output"].replace("\n", "")
         assert check["heavy"] == []
+    repaired = _cli("index", "repair", "--index", str(index))
+    assert repaired["exit"] == 0, repaired["output"]
+    assert repaired["heavy"] == []
 
 
 def test_index_remove_and_compact_load_no_network(index: Path) -> None:

@@ -14,10 +14,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    import torch
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -132,6 +134,8 @@ def validation_message(exc: ValidationError) -> str:
 
 def pick_device(device: str | torch.device | None) -> torch.device:
     """`None` or "auto": CUDA when available, else the CPU."""
+    import torch  # here, not at the top: configs and errors load without torch (fast start-up)
+
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -11,15 +11,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from features.base import LocalExtractor
-from features.delg.base import GlobalExtractor
 from features.image import ImageInput, load_image
 from features.registry import load_global, load_local
 from features.types import LocalFeatures
+
+if TYPE_CHECKING:  # the networks load when first used (the maintenance commands never do)
+    from features.base import LocalExtractor
+    from features.delg.base import GlobalExtractor
 
 
 @dataclass(frozen=True)

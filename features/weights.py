@@ -59,6 +59,15 @@ def package_file(package: str, relpath: str) -> Path | None:
     return None
 
 
+def find_weights(spec: WeightSpec) -> Path | None:
+    """The checkpoint of `spec` when this machine has it (the cache directory, then an installed
+    package that ships it), without downloading; None otherwise."""
+    cached = cache_dir() / spec.filename
+    if cached.is_file():
+        return cached
+    return package_file(*spec.package) if spec.package is not None else None
+
+
 def resolve_weights(spec: WeightSpec, explicit: str | Path | None = None, *, what: str) -> Path:
     """Return the checkpoint path for `spec`, trying the sources in the documented order."""
     if explicit is not None:
@@ -66,13 +75,10 @@ def resolve_weights(spec: WeightSpec, explicit: str | Path | None = None, *, wha
         if path.is_file():
             return path
         raise WeightsNotFoundError(f"{what} weights: {path} does not exist; fix the path")
+    found = find_weights(spec)
+    if found is not None:
+        return found
     cached = cache_dir() / spec.filename
-    if cached.is_file():
-        return cached
-    if spec.package is not None:
-        shipped = package_file(*spec.package)
-        if shipped is not None:
-            return shipped
     if spec.url and os.environ.get("RETR_OFFLINE", "") not in ("1", "true", "yes"):
         try:
             return _download(spec.url, cached)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from features.core import ConfigError, IndexError_
 
@@ -140,7 +140,10 @@ def decode(stored: np.ndarray, encoding: str, pq: ProductQuantizer | None) -> np
         return pq.decode(stored)
     if encoding == "int8":
         return unit_rows(stored.astype(np.float32))
-    if stored.dtype == np.float16:  # torch converts float16 ~10x faster than numpy
+    torch = sys.modules.get("torch")
+    if stored.dtype == np.float16 and torch is not None:
+        # torch converts float16 ~10x faster than numpy (the same exact values); searches have
+        # it loaded, and the maintenance commands, which never load it, convert with numpy
         return torch.from_numpy(np.ascontiguousarray(stored)).float().numpy()
     return np.asarray(stored, np.float32)
 

@@ -17,10 +17,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import ValidationError, ValidationInfo, field_validator, model_validator
 
 from features.core import ConfigError, IndexError_, StrictConf, parse_conf, validation_message
-from features.registry import DEFAULT_GLOBAL, DEFAULT_LOCAL, check_confs
+from features.matcher_names import check_plan
+from features.registry import (
+    DEFAULT_GLOBAL,
+    DEFAULT_LOCAL,
+    check_confs,
+    check_global_name,
+    check_local_name,
+)
 from index.atomic import write_bytes_atomic
 from index.encoding import check_local_dtype
 from index.lock import LOCK_NAME
@@ -28,6 +35,8 @@ from index.manifest import MANIFEST_NAME
 from index.segments import SEGMENTS_DIR
 
 CONFIG_NAME = "retr.json"
+STORED = "stored"
+"""Validation context key of a config read back from an index (parse_config)."""
 
 
 class IndexConfig(StrictConf):
@@ -82,12 +91,17 @@ class IndexConfig(StrictConf):
         return value
 
     @model_validator(mode="after")
-    def _known_plugins(self) -> IndexConfig:
+    def _known_plugins(self, info: ValidationInfo) -> IndexConfig:
         """Plug-in names and their config keys are checked here, at the boundary, not when a
-        network is first built."""
-        check_confs(self.global_model, self.global_conf, self.local_method, self.local_conf)
-        from retrieval.matchers import check_plan  # the matchers sit above the index layer
-
+        network is first built. A config read back from an index (`parse_config`) was checked
+        so when it was written: its names are checked again, but its plug-in keys only when a
+        plug-in is built, so that reading an index (`retr index info`, `check`...) loads no
+        network."""
+        if (info.context or {}).get(STORED):
+            check_global_name(self.global_model)
+            check_local_name(self.local_method)
+        else:
+            check_confs(self.global_model, self.global_conf, self.local_method, self.local_conf)
         check_plan(self.matcher, self.local_method)
         return self
 
@@ -165,6 +179,7 @@ class IndexPaths:
 
 
 def parse_config(data: Any) -> IndexConfig:
+    """The config an index recorded (retr.json, the manifest's copy)."""
     if not isinstance(data, dict):
         raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    return IndexConfig.model_validate(data)
+    return IndexConfig.model_validate(data, context={STORED: True})

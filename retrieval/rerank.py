@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field, model_validator
 
 from features.core import StrictConf, pick_device
@@ -316,6 +315,8 @@ def worker_pool(workers: int, on_gpu: bool = False) -> ThreadPoolExecutor:
     RANSAC on one core: measured 1.3-1.6x faster per query than products sharing torch's threads
     while the numpy reductions run one at a time. torch's thread count is per OS thread (OpenMP),
     so it is set in each worker and the caller's own setting is left alone."""
+    import torch  # here, not at the top: RerankConf (the CLI's defaults) loads without torch
+
     threads = 1 if not on_gpu and workers > 1 else torch.get_num_threads()
     return ThreadPoolExecutor(
         workers, "rerank", initializer=torch.set_num_threads, initargs=(threads,)

@@ -11,55 +11,22 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
 
-from features.core import StrictConf
 from features.image import ImageInput
 from features.pipeline import Described, Extractors
 from features.types import LocalFeatures
 from index.catalog import Catalog
 from index.snapshot import IndexSnapshot
 from retrieval.expansion import ExcludedFn, Expansion, Refiner
-from retrieval.matchers import check_plan, resolve_plan
+from retrieval.matchers import resolve_plan
 from retrieval.recognition import vote
-from retrieval.rerank import Candidate, RerankConf, Timings, rerank
-
-
-class SearchConf(StrictConf):
-    """Everything one search can be asked: the CLI's `retr query` options, the service's query
-    parameters and `Retriever.search`'s keywords are these fields."""
-
-    k: int = Field(default=10, ge=1)
-    """Results returned."""
-    rerank: bool = True
-    """Rerank the shortlist with local features (False: global ranking only)."""
-    shortlist: int = Field(default=100, ge=1)
-    """Global candidates reranked."""
-    vote_top: int = Field(default=10, ge=1)
-    """Results the landmark vote looks at, whatever k is (so -k 3 names the same landmark)."""
-    rerank_conf: RerankConf = RerankConf()
-    """Matching and verification of the reranked candidates."""
-    matcher: str | None = None
-    """Matcher of the rerank: auto, mnn, lightglue or mnn+lightglue (None: the index's)."""
-    qe: int = Field(default=5, ge=0)
-    """αQE: expand the query with its best n database neighbours and search again (0: off;
-    default 5, chosen on `retr eval mini --queries all`: docs/results.md)."""
-    qe_alpha: float = Field(default=3.0, ge=0)
-    """αQE weight exponent."""
-    dba: int = Field(default=3, ge=0)
-    """DBA: rank by database descriptors averaged with their n nearest neighbours (0: off;
-    default 3, chosen with qe)."""
-    dba_alpha: float = Field(default=3.0, ge=0)
-    """DBA weight exponent."""
-
-    @field_validator("matcher")
-    @classmethod
-    def _known_matcher(cls, value: str | None) -> str | None:
-        return None if value is None else check_plan(value)
+from retrieval.rerank import Candidate, Timings, rerank
+from retrieval.search_conf import SearchConf
 
 
 @dataclass(frozen=True)
@@ -99,6 +66,20 @@ class SearchResult:
     """The query's local features (when reranked): what match pictures are drawn from."""
     matcher: str = ""
     """The rerank plan the search ran ("" = global ranking only)."""
+
+
+def result_json(image: Path | str, result: SearchResult) -> dict[str, Any]:
+    """One query's result as JSON: what `retr query --json` prints and the HTTP service sends."""
+    rec = result.recognition
+    return {
+        "query": str(image),
+        "landmark": rec.label,
+        "confidence": rec.confidence,
+        "evidence": [m.id for m in rec.evidence],
+        "results": [asdict(m) for m in result.matches],
+        "timings": result.timings,
+        "generation": result.generation,
+    }
 
 
 def search(

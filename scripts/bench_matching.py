@@ -76,7 +76,7 @@ def random_weights(name: str, fixtures: Path, tmp: Path) -> str:
         return str(tmp / "aslfeat_v2.pt")
     if name == "delg":
         from features.convert import delg as convert
-        from features.delg.model import DelgNet
+        from features.delg.resnet import DelgNet
 
         with np.load(fix / "delg_r50_random_fp16_weights.npz") as npz:
             net = DelgNet(50)

@@ -131,3 +131,36 @@ def test_page_reports_a_bad_upload(browser: WebDriver, page_url: str, tmp_path: 
     _wait(browser, "return document.getElementById('status').textContent.startsWith('error')")
     status = browser.find_element(By.ID, "status").text
     assert status == "error: 400: notes.jpg: not an image, or a format Pillow cannot read"
+
+
+def test_page_with_private_reads_works_once_the_token_is_entered(
+    browser: WebDriver, served_index: Served
+) -> None:
+    token = "page-s3cret"
+    with live_server(served_index.index, "--token", token, "--private-reads") as url:
+        browser.get(url)
+        browser.find_element(By.ID, "tab-index").click()  # no token yet: the API refuses
+        _wait(browser, "return document.getElementById('info').textContent.includes('401')")
+        field = browser.find_element(By.ID, "token")
+        field.send_keys(token)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", field)
+        _wait(browser, "return document.querySelectorAll('#images tbody tr').length > 0")
+        rows = browser.find_elements(By.CSS_SELECTOR, "#images tbody tr")
+        assert all(r.find_elements(By.CSS_SELECTOR, "button.remove") for r in rows)
+        thumbs = "[...document.querySelectorAll('#images img')]"
+        _wait(browser, f"return {thumbs}.every(i => i.complete && i.naturalWidth > 0)")
+        assert browser.execute_script(f"return {thumbs}.every(i => i.src.startsWith('blob:'))")
+        browser.find_element(By.ID, "tab-search").click()
+        browser.find_element(By.ID, "file").send_keys(str(QUERY))
+        _wait(browser, "return document.getElementById('landmark').textContent !== ''")
+        assert browser.find_element(By.ID, "landmark").text == "sacre_coeur"
+
+
+def test_remove_buttons_show_only_with_the_token_a_service_needs(
+    browser: WebDriver, served_index: Served
+) -> None:
+    with live_server(served_index.index, "--token", "t0ken") as url:
+        browser.get(url)
+        browser.find_element(By.ID, "tab-index").click()
+        _wait(browser, "return document.querySelectorAll('#images tbody tr').length > 0")
+        assert not browser.find_elements(By.CSS_SELECTOR, "#images button.remove")

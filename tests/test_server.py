@@ -25,7 +25,7 @@ from features.image import MAX_PIXELS, load_image
 from index.maintenance import index_info
 from retrieval import Retriever
 from retrieval.cli import app as cli_app
-from retrieval.cli import result_json
+from retrieval.search import result_json
 from retrieval.server.app import create_app
 from retrieval.server.limits import Lane
 from retrieval.server.settings import ServerSettings

@@ -12,9 +12,6 @@ GLDv1 models. Weights: retr checkpoints converted from the official TensorFlow r
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
-
 import numpy as np
 import torch
 
@@ -22,21 +19,11 @@ from features.base import LocalExtractor
 from features.core import ConfigError, ImageReadError
 from features.delg import official
 from features.delg.base import GlobalConf, GlobalExtractor
-from features.delg.resnet import GLOBAL_DIM, DelgNet, load_delg_net
+from features.delg.official import Dataset, Depth, load_net, to_local_features
+from features.delg.resnet import GLOBAL_DIM
 from features.image import ImageInput, load_image
+from features.local.delg_local import DELGLocal
 from features.types import LocalFeatures
-from features.weights import resolve_weights
-
-Depth = Literal[50, 101]
-Dataset = Literal["gldv2-clean", "gldv1"]
-
-
-def load_net(
-    preset: official.Preset, explicit: str | None, device: torch.device, what: str
-) -> tuple[DelgNet, Path]:
-    """Resolve the preset's checkpoint (explicit path, cache, ...) and build the network."""
-    path = resolve_weights(preset.weights_spec, explicit, what=what)
-    return load_delg_net(path, preset.depth, what).to(device), path
 
 
 def check_subset(inner: tuple[float, ...], outer: tuple[float, ...], what: str) -> None:
@@ -45,14 +32,6 @@ def check_subset(inner: tuple[float, ...], outer: tuple[float, ...], what: str) 
     extra = [s for s in inner if np.float32(s) not in levels]
     if extra:
         raise ConfigError(f"{what}: scales {extra} are not levels of the pyramid {outer}")
-
-
-def to_local_features(feats: official.DelgFeatures, image_size: tuple[int, int]) -> LocalFeatures:
-    """Official (y, x) locations -> retr keypoints (x, y). The official frame already puts the
-    centre of the top-left pixel at 0, so only the axes swap; the 32 i / s cell centres are
-    kept as the official code defines them (see features.delg.official)."""
-    kpts = np.ascontiguousarray(feats.locations[:, ::-1], dtype=np.float32)
-    return LocalFeatures(kpts, feats.attention, feats.descriptors, image_size)
 
 
 class DelgResNetConf(GlobalConf):
@@ -135,8 +114,6 @@ class DelgResNet(GlobalExtractor):
         """True when `local` is DELG's local plug-in on the same weights with the same pyramid,
         score threshold, feature count and pre-resize: then `extract_all` gives its features
         from the global model's forward passes (as the paper intends) instead of a second run."""
-        from features.local.delg_local import DELGLocal  # that module imports this one
-
         if not isinstance(local, DELGLocal) or local.weights_path != self.weights_path:
             return False
         mine, theirs = self.settings, local.settings

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,8 +35,9 @@ from PIL import Image
 
 from features.core import ConfigError
 from features.delg.base import scaled_size
-from features.delg.resnet import GEM_P, LOCAL_DIM, DelgNet
-from features.weights import WeightSpec
+from features.delg.resnet import GEM_P, LOCAL_DIM, DelgNet, load_delg_net
+from features.types import LocalFeatures
+from features.weights import WeightSpec, resolve_weights
 
 IMAGE_SCALES = (0.25, 0.35355338, 0.5, 0.70710677, 1.0, 1.4142135, 2.0)
 GLOBAL_SCALES_IND = (3, 4, 5)
@@ -105,6 +108,9 @@ PRESETS: dict[str, Preset] = {
     )
 }
 """Official configs by name, `r<depth>-<training set>`; they differ only in the threshold."""
+Depth = Literal[50, 101]
+Dataset = Literal["gldv2-clean", "gldv1"]
+"""The knobs that select a preset (both DELG plug-ins' `depth` and `dataset`)."""
 
 
 def get_preset(name: str) -> Preset:
@@ -115,6 +121,14 @@ def get_preset(name: str) -> Preset:
 
 def preset_for(depth: int, dataset: str) -> Preset:
     return get_preset(f"r{depth}-{dataset}")
+
+
+def load_net(
+    preset: Preset, explicit: str | None, device: torch.device, what: str
+) -> tuple[DelgNet, Path]:
+    """Resolve the preset's checkpoint (explicit path, cache, ...) and build the network."""
+    path = resolve_weights(preset.weights_spec, explicit, what=what)
+    return load_delg_net(path, preset.depth, what).to(device), path
 
 
 @dataclass
@@ -317,3 +331,11 @@ def extract(
         range(n) if want_local else (),
     )
     return postprocess(levels, settings, factors)
+
+
+def to_local_features(feats: DelgFeatures, image_size: tuple[int, int]) -> LocalFeatures:
+    """Official (y, x) locations -> retr keypoints (x, y). The official frame already puts the
+    centre of the top-left pixel at 0, so only the axes swap; the 32 i / s cell centres are
+    kept as the official code defines them (see the module docstring)."""
+    kpts = np.ascontiguousarray(feats.locations[:, ::-1], dtype=np.float32)
+    return LocalFeatures(kpts, feats.attention, feats.descriptors, image_size)

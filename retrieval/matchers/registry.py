@@ -4,7 +4,9 @@ finds every matcher.
 A plan (the `matcher` option of an index, a query, the CLI) is one matcher over the whole
 shortlist ("mnn", "lightglue"), the two-stage "mnn+lightglue" (mutual NN and RANSAC over the
 shortlist, then LightGlue re-scores the best `lightglue_top`), or "auto": the plan measured best
-on the device for the index's local method (AUTO_PLAN; docs/results.md).
+on the device for the index's local method (AUTO_PLAN; docs/results.md). The plan names and
+which local methods each matcher matches live in features.matcher_names, torch-free, for the
+configs that check them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import logging
 from functools import lru_cache
 from typing import Any
 
-import torch
-
 from features.core import ConfigError, RetrError, StrictConf, pick_device
+from features.matcher_names import AUTO, PLANS, TWO_STAGE, check_plan, stages
 from retrieval.matchers.base import Matcher
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,6 @@ MATCHERS: dict[str, str] = {
     "mnn": "retrieval.matchers.mnn:MNN",
     "lightglue": "retrieval.matchers.lightglue:LightGlue",
 }
-AUTO = "auto"
-TWO_STAGE = "mnn+lightglue"
-PLANS = (AUTO, "mnn", "lightglue", TWO_STAGE)
 AUTO_PLAN = {"cuda": "lightglue", "cpu": TWO_STAGE}
 """What "auto" runs per device when the local method has LightGlue weights (else "mnn"). On a
 CPU the two-stage plan: mutual NN over the shortlist, then LightGlue (1024 keypoints) on the
@@ -48,23 +46,6 @@ def matcher_class(name: str) -> type[Matcher]:
     cls = getattr(importlib.import_module(module_name), cls_name)
     assert issubclass(cls, Matcher)
     return cls
-
-
-def stages(plan: str) -> tuple[str, ...]:
-    """The matchers a (resolved) plan runs, in order: "mnn+lightglue" -> ("mnn", "lightglue")."""
-    return tuple(plan.split("+"))
-
-
-def check_plan(plan: str, local_method: str | None = None) -> str:
-    """`plan` in canonical form; ConfigError for an unknown name, or for a matcher that cannot
-    match `local_method`'s features (never a silent fallback)."""
-    key = plan.lower()
-    if key not in PLANS:
-        raise ConfigError(f"unknown matcher '{plan}' (available: {', '.join(PLANS)})")
-    if key != AUTO and local_method is not None:
-        for name in stages(key):
-            matcher_class(name).check_features(local_method)
-    return key
 
 
 def resolve_plan(plan: str, local_method: str, device: Any = None) -> str:
@@ -105,4 +86,20 @@ def load_matcher(
 
 @lru_cache(maxsize=8)
 def _cached(name: str, conf: StrictConf | None, local_method: str, device: str) -> Matcher:
+    import torch  # here, not at the top: the plan names load without torch
+
     return matcher_class(name)(conf, local_method, torch.device(device))
+
+
+__all__ = [
+    "AUTO",
+    "AUTO_PLAN",
+    "MATCHERS",
+    "PLANS",
+    "TWO_STAGE",
+    "check_plan",
+    "load_matcher",
+    "matcher_class",
+    "resolve_plan",
+    "stages",
+]

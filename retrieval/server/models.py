@@ -11,7 +11,7 @@ from retrieval.search import Match
 
 
 class SearchResponse(BaseModel):
-    """`retr query --json`'s object for one query (retrieval.cli.result_json), plus the
+    """`retr query --json`'s object for one query (retrieval.search.result_json), plus the
     search id that names this search in GET /matches/{search_id}/{image_id}.png."""
 
     model_config = ConfigDict(extra="allow")  # whatever result_json adds passes through

@@ -36,9 +36,8 @@ from features.image import decode_bytes, load_image, resize_max
 from index.atomic import write_bytes_atomic
 from index.catalog import ImageRecord
 from retrieval.api import Retriever
-from retrieval.cli import result_json
 from retrieval.pictures import catalog_file, indexed_image, result_picture
-from retrieval.search import SearchConf
+from retrieval.search import SearchConf, result_json
 from retrieval.server.errors import NotFound
 from retrieval.server.limits import Lane
 from retrieval.server.models import (

@@ -25,35 +25,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from features.core import CheckpointError, StrictConf, pick_device
+from features.core import CheckpointError, pick_device
 from retrieval.training import checkpoint
+from retrieval.training.confs import LoopConf
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "retr-train-state-v1"
 Progress = Callable[[int, int, str], None]
-
-
-class LoopConf(StrictConf):
-    steps: int = Field(default=1000, ge=1)
-    """Optimiser steps in all (the learning rate reaches 0 at the last)."""
-    batch_size: int = Field(default=32, ge=1)
-    """Images per step."""
-    lr: float = Field(default=0.01, gt=0)
-    """Initial learning rate of SGD (momentum 0.9), decayed linearly to 0."""
-    momentum: float = Field(default=0.9, ge=0, lt=1)
-    weight_decay: float = Field(default=1e-4, ge=0)
-    seed: int = 0
-    """Seed of the batches, the augmentation and the initialisation."""
-    save_every: int = Field(default=100, ge=1)
-    """Steps between checkpoints (one is always written at the end)."""
-    amp: bool | None = None
-    """Mixed precision; None: on when training on a CUDA device."""
-    device: str = "auto"
-    """auto (CUDA when available), cpu or cuda."""
 
 
 class Task(Protocol):

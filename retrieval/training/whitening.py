@@ -28,31 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import Field
 
-from features.core import ConfigError, StrictConf
+from features.core import ConfigError
 from features.pipeline import Described
 from index.layout import IndexPaths
 from index.whitening import Whitening
 from index.writer import IndexWriter, PublishReport
 from retrieval.api import Retriever
+from retrieval.training.confs import LearnedWhiteningConf
 
 logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
-
-
-class LearnedWhiteningConf(StrictConf):
-    shortlist: int = Field(default=20, ge=1)
-    """Candidates per image verified by the local rerank."""
-    shrinkage: float = Field(default=0.1, ge=0, le=1)
-    """Shrinkage of the pair-difference covariance toward a multiple of the identity."""
-    mix: float = Field(default=0.0, ge=0, le=1)
-    """Share of the corpus covariance (the PCA whitening's) mixed into the pairs' (0: pure Lw)."""
-    min_pairs: int = Field(default=5, ge=1)
-    """Fewest verified pairs to learn from; fewer is an error."""
-    matcher: str | None = None
-    """Matcher of the rerank that verifies pairs (None: the index's)."""
 
 
 @dataclass

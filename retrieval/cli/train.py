@@ -1,6 +1,5 @@
-"""`retr train ...`: thin typer wrappers over retrieval.training (added to the app by
-retrieval.cli). Defaults and help come from the config models (LoopConf, DelgTrainConf,
-MdaTrainConf, LearnedWhiteningConf)."""
+"""`retr train ...`: thin typer wrappers over retrieval.training. Defaults and help come from
+the config models (LoopConf, DelgTrainConf, MdaTrainConf, LearnedWhiteningConf)."""
 
 from __future__ import annotations
 
@@ -10,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from features.core import field_default, field_help
-from retrieval.training.loop import LoopConf
-from retrieval.training.whitening import LearnedWhiteningConf
+from retrieval.cli.support import QuietOpt, cli_errors, console, progress_bar
+from retrieval.training.confs import LearnedWhiteningConf, LoopConf
 
 train_app = typer.Typer(
     help="Train retr's models: learned whitening, the DELG global model, MDA.",
@@ -62,7 +61,6 @@ StreamOpt = Annotated[
         "--stream", help="Decode images for every batch instead of keeping them in memory."
     ),
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 def _run(
@@ -76,7 +74,6 @@ def _run(
     quiet: bool,
 ) -> None:
     from features.core import parse_conf
-    from retrieval.cli import cli_errors, console, progress_bar
     from retrieval.training.data import open_training_set
     from retrieval.training.loop import train
 
@@ -164,7 +161,6 @@ def train_global(
     """Train DELG (GeM + FC whitening + ArcFace, attention + autoencoder local branch); use the
     result with `--global trained:CKPT`."""
     from features.core import parse_conf
-    from retrieval.cli import cli_errors
     from retrieval.training.delg import DelgTrainConf
 
     with cli_errors():
@@ -210,7 +206,6 @@ def train_mda(
     """Train MDA (per-head classification + attention diversity); use the result with
     `--local mda --local-conf '{"weights": "CKPT"}'`."""
     from features.core import parse_conf
-    from retrieval.cli import cli_errors
     from retrieval.training.mda import MdaTrainConf
 
     with cli_errors():
@@ -249,7 +244,6 @@ def train_whitening_cmd(
     """Learn the whitening from the index's own verified pairs (no labels), re-project its
     vectors, and keep the PCA whitening to switch back to."""
     from features.core import parse_conf
-    from retrieval.cli import cli_errors, console, progress_bar
     from retrieval.training.whitening import train_whitening, use_whitening
 
     with cli_errors():

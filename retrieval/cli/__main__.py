@@ -1,0 +1,5 @@
+"""`python -m retrieval.cli ...` runs `retr ...`."""
+
+from retrieval.cli import app
+
+app()

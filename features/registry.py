@@ -23,6 +23,7 @@ LOCAL_METHODS: dict[str, str] = {
     "aslfeat": "features.local.aslfeat:ASLFeat",
     "mda": "features.local.mda:MDA",
     "delg": "features.local.delg_local:DELGLocal",
+    "aliked": "features.local.aliked:ALIKED",
 }
 
 

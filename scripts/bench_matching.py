@@ -2,11 +2,11 @@
 
 For every chosen local method (features.registry.LOCAL_METHODS) it measures the median extraction
 time of 640-px images on this CPU and the keypoints per image. For the methods with real trained
-weights (disk, r2d2, sekd) it also measures, on the planar pairs of ../shared/data/planar-pairs,
-the RANSAC inliers and the mean corner error of the homography estimated from mutual nearest
+weights (disk, r2d2, sekd, aliked) it also measures, on the planar pairs of ../shared/data/planar-
+pairs, the RANSAC inliers and the mean corner error of the homography estimated from mutual nearest
 neighbours + MAGSAC++ (the reranker's matching and verification), and recall@1 / mAP on the
-landmarks-mini set after reranking with that method (retrieval.evaluation.run_eval), printed
-next to the global-only numbers. The other methods only have seeded random weights in
+landmarks-mini set after reranking with that method (retrieval.evaluation.run_eval), printed next
+to the global-only numbers. The other methods only have seeded random weights in
 ../shared/fixtures: they are timed, their matching quality would mean nothing.
 
     python scripts/bench_matching.py --methods disk,sekd --pairs 1 --mini-groups tower_bridge
@@ -48,7 +48,7 @@ from retrieval.evaluation.planar import (
 from retrieval.evaluation.runner import EvalResult, run_eval
 from retrieval.verification import RansacConf
 
-REAL_WEIGHTS = ("disk", "r2d2", "sekd")
+REAL_WEIGHTS = ("disk", "r2d2", "sekd", "aliked")
 """Methods whose checkpoints here are the official trained ones."""
 TIMING_SIDE = 640
 """Longer side (px) of the images the extraction time is measured on."""

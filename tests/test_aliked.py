@@ -227,6 +227,7 @@ def test_n16_matches_official_on_another_photo(official, aliked: ALIKED) -> None
     _compare(aliked, _official_net(official, "n16"), _image(OTHER))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["n16rot", "n32", "t16"])
 def test_every_variant_matches_official(official, variant: str) -> None:
     ours = ALIKED(variant=variant, resize_max=None)

@@ -2,12 +2,13 @@
 
 For every chosen local method (features.registry.LOCAL_METHODS) it measures the median extraction
 time of 640-px images on this CPU and the keypoints per image. For the methods with real trained
-weights (disk, r2d2, sekd, aliked) it also measures, on the planar pairs of ../shared/data/planar-
-pairs, the RANSAC inliers and the mean corner error of the homography estimated from mutual nearest
-neighbours + MAGSAC++ (the reranker's matching and verification), and recall@1 / mAP on the
-landmarks-mini set after reranking with that method (retrieval.evaluation.run_eval), printed next
-to the global-only numbers. The other methods only have seeded random weights in
-../shared/fixtures: they are timed, their matching quality would mean nothing.
+weights (disk, r2d2, sekd, aliked) it also measures, on the planar pairs of
+../shared/data/planar-pairs, the RANSAC inliers and the mean corner error of the homography
+estimated from mutual nearest neighbours + MAGSAC++ (the reranker's matching and verification), and
+recall@1 / mAP on the landmarks-mini set after reranking with that method
+(retrieval.evaluation.run_eval), printed next to the global-only numbers. The other methods only
+have seeded random weights in ../shared/fixtures: they are timed, their matching quality would mean
+nothing.
 
     python scripts/bench_matching.py --methods disk,sekd --pairs 1 --mini-groups tower_bridge
     python scripts/bench_matching.py --conf 'r2d2={"pyramid_max_side": 640}' --json /tmp/bench.json

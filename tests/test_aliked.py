@@ -41,6 +41,7 @@ from features.local.aliked import ALIKED, OFFICIAL_NAMES, WEIGHTS, AlikedConf
 from features.types import LocalFeatures
 from features.weights import package_file, resolve_weights
 from retrieval.matchers.lightglue import LightGlue, LightGlueConf
+from retrieval.matchers.rules import RULES, rule_for
 from retrieval.rerank import RerankConf, verify_pair
 from tests.conftest import DATA
 
@@ -227,7 +228,6 @@ def test_n16_matches_official_on_another_photo(official, aliked: ALIKED) -> None
     _compare(aliked, _official_net(official, "n16"), _image(OTHER))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["n16rot", "n32", "t16"])
 def test_every_variant_matches_official(official, variant: str) -> None:
     ours = ALIKED(variant=variant, resize_max=None)
@@ -322,6 +322,11 @@ def test_blank_image_gives_no_keypoints_and_an_unverified_pair(aliked: ALIKED) -
     for matcher in ("mnn", "lightglue"):
         pair = verify_pair(flat, photo, RerankConf(), matcher, "aliked")
         assert pair.inliers == 0 and not pair.verified
+
+
+def test_measured_rules_for_aliked() -> None:
+    assert rule_for("lightglue", "aliked") == RULES["lightglue", "aliked"]
+    assert rule_for("mnn", "aliked") == RULES["mnn", "aliked"] != RULES["mnn", "*"]
 
 
 def test_official_names_and_defaults() -> None:

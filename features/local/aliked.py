@@ -253,7 +253,8 @@ class ALIKED(LocalExtractor):
         return kpts, scores, self.net.desc_head(fmap, kpts)
 
     def detect(self, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H, W) score map -> sub-pixel keypoints (N, 2) x, y and their scores (N,)."""
+        """(H, W) score map -> sub-pixel keypoints (N, 2) x, y (pixel centres at integers, as
+        the official code and retr's contract) and their scores (N,)."""
         r, h, w = self.conf.nms_radius, *score.shape
         peaks = max_pool_nms(score, r)
         inner = torch.zeros_like(peaks, dtype=torch.bool)

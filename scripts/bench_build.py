@@ -36,7 +36,7 @@ def bare(images: list[Path], config: IndexConfig) -> tuple[float, float]:
     """(model loading seconds, forward-pass seconds over all images)."""
     start = time.perf_counter()
     c = config
-    models = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf)
+    models = Extractors.for_index(c)
     _ = models.fingerprints  # loads both models
     loaded = time.perf_counter()
     decoded = [load_image(p) for p in images]

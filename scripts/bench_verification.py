@@ -21,6 +21,7 @@ features are extracted for every image at that method's defaults (no index neede
 under --work; every matcher then runs with that method's weights and rules.
 
     python scripts/bench_verification.py --method xfeat --work /tmp/verif --json xfeat.json
+    python scripts/bench_verification.py --method aliked --work /tmp/verif-aliked
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def load_features(
             out[p] = f
         c = retriever.config
         method = c.local_method
-        extract = Extractors(c.global_model, c.global_conf, c.local_method, c.local_conf).local
+        extract = Extractors.for_index(c).local
         folder = work / "features"
     else:
         method = method or "disk"

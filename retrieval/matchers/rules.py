@@ -57,6 +57,16 @@ RULES: dict[tuple[str, str], Rule] = {
         ransac=RansacConf(model="fundamental", threshold=4.0),
         min_inliers=16,
     ),
+    ("mnn", "aliked"): Rule(
+        settings={"ratio": None},
+        ransac=RansacConf(model="fundamental", threshold=4.0),
+        min_inliers=69,
+    ),
+    ("lightglue", "aliked"): Rule(
+        settings={"max_keypoints": 1024, "filter_threshold": 0.5},
+        ransac=RansacConf(model="fundamental", threshold=8.0),
+        min_inliers=11,
+    ),
 }
 """Measured rules (scripts/bench_verification.py on 668 positive and 668 negative pairs of
 ../shared/data; docs/results.md, "Learned matching"):
@@ -81,6 +91,15 @@ RULES: dict[tuple[str, str], Rule] = {
   68% true positives (landmark 92%, place 59%, planar 62%, wxbs 50%). Filter 0.1 at 8 px with
   >= 44 is as good (68%, 0.9%); filters 0.5 and 0.7 verify at most 66%, some of their
   operating points at a single inlier, which no rule should trust.
+- ALIKED-n16 (its defaults: 640 px, 1024 keypoints; `bench_verification.py --method aliked
+  --lightglue-keypoints 1024`, the same pairs and 36-rule grid per matcher). Its mutual NN
+  matches are denser than DISK's on unrelated pairs: the ANY_METHOD rule (homography 8 px, >= 12)
+  would verify 11.7% of the negatives (71% of the positives). mnn on ALIKED: fundamental matrix
+  at 4 px, >= 69 inliers: 61% true positives at 0.9% false positives (homography 8 px needs
+  >= 24: 55% at 0.7%). lightglue on ALIKED: confidence filter 0.5, all 1024 keypoints,
+  fundamental matrix at 8 px, >= 11 inliers: 77% true positives at 0.9% false positives (96%
+  landmark, 68% place, 72% planar, 69% wxbs); >= 15 would verify 74% at 0.3%, and filter 0.7
+  at 4 px with >= 12 verifies 71% at 0.0%.
 
 A matcher x method without its own row takes the matcher's ANY_METHOD row, else the row of the
 method the matcher was first measured on (lightglue: DISK's) until its own is measured.

@@ -232,3 +232,31 @@ def test_an_add_that_ran_out_of_disk_loses_nothing_and_its_rerun_adds(
     assert sorted(report.added) == sorted(f"piazza_san_marco/{p.name}" for p in SAN_MARCO[:2])
     assert report.updated == []
     assert len(_consistent(idx)) == len(before) + 2
+
+
+def test_a_build_that_runs_out_of_disk_loses_nothing_and_its_rerun_completes(
+    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 24: a full disk during `build` was a raw OSError traceback."""
+    import errno
+
+    from features.core import DiskFullError
+    from index import atomic
+
+    calls = {"n": 0}
+    real_fsync = atomic.fsync_file
+
+    def full_after_first(path: Path) -> None:  # the batch's segment lands, then the disk is full
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+
+    idx = tmp_path / "idx"
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic, "fsync_file", full_after_first)
+        with pytest.raises(DiskFullError, match="no space left on the device of"):
+            build_index(built / "corpus", idx, tiny())
+    report = build_index(built / "corpus", idx, tiny())
+    assert report.indexed + report.unchanged == 4 and not report.failed
+    assert len(_consistent(idx)) == 4

@@ -5,7 +5,7 @@ A four-stage encoder (3x3 convolutions at full and half resolution, 3x3 deformab
 at 1/8 and 1/32) whose four scales are projected, upsampled and concatenated into a `dim`-channel
 feature map at full resolution, and a small head on it that predicts a score map. Keypoints are
 the official DKD's: SuperPoint's NMS in (2r + 1)^2 windows, no keypoint within r pixels of the
-border, the peaks above `detection_threshold`, at most `max_keypoints` of them (highest peaks
+border, the peaks above `keypoint_threshold`, at most `max_keypoints` of them (highest peaks
 first), each moved by a soft-argmax (temperature 0.1) over its window and scored by the score
 map, bilinearly, where it lands. Descriptors come from the SDDH head: from the 3x3 feature patch
 at a keypoint a small network predicts M sampling offsets; the features sampled there are
@@ -15,7 +15,7 @@ Variants (`variant`; the official names are aliked-<variant>): n16 (the default;
 ALIKED weights were trained on it), n16rot (n16 trained with rotation augmentation), n32 (32
 sampling offsets per descriptor), t16 (tiny: 64-D descriptors, which LightGlue cannot take).
 
-Deviation from the official code: when no peak exceeds `detection_threshold`, DKD falls back to
+Deviation from the official code: when no peak exceeds `keypoint_threshold`, DKD falls back to
 the peaks above the score map's mean. On a blank image that returns some hundred keypoints of
 score about 0.002 placed by the network's padding; retr returns none, so that an image with
 nothing on it has nothing to match.
@@ -179,13 +179,14 @@ OFFICIAL_NAMES = {
     "max_num_keypoints": "max_keypoints",
     "top_k": "max_keypoints",
     "n_limit": "max_keypoints",
-    "detection_threshold": "detection_threshold",
-    "scores_th": "detection_threshold",
+    "detection_threshold": "keypoint_threshold",
+    "scores_th": "keypoint_threshold",
     "nms_radius": "nms_radius",
     "radius": "nms_radius",
     "resize": "resize_max",
 }
-"""Official knob -> retr knob: cvg/LightGlue's ALIKED (model_name "aliked-n16" is variant "n16",
+"""Official knob -> retr knob (retr's one name for "keep keypoints scoring above this" is
+`keypoint_threshold`, as SuperPoint's and XFeat's): cvg/LightGlue's ALIKED (model_name "aliked-n16" is variant "n16",
 max_num_keypoints, detection_threshold, nms_radius, the preprocessing's resize) and the DKD of
 Shiaoming/ALIKED (top_k and n_limit, the cap in top-k and in threshold mode, scores_th,
 radius)."""
@@ -200,7 +201,7 @@ class AlikedConf(LocalConf):
     nms_radius: int = Field(default=2, ge=1)
     """A keypoint is a kept maximum of the (2r + 1)^2 window centred on it, at least r pixels
     inside the image; r is also the soft-argmax's window (official 2)."""
-    detection_threshold: float = 0.2
+    keypoint_threshold: float = 0.2
     """Keypoints are the peaks whose score exceeds this (official 0.2). 0 or less: the best
     `max_keypoints` peaks, whatever their score (the official top-k mode)."""
 
@@ -251,7 +252,7 @@ class ALIKED(LocalExtractor):
         inner = torch.zeros_like(peaks, dtype=torch.bool)
         inner[r : h - r, r : w - r] = True
         ys, xs = torch.nonzero(
-            inner & (peaks > max(self.conf.detection_threshold, 0.0)), as_tuple=True
+            inner & (peaks > max(self.conf.keypoint_threshold, 0.0)), as_tuple=True
         )
         k = self.conf.max_keypoints
         if k is not None and len(ys) > k:

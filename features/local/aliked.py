@@ -186,10 +186,10 @@ OFFICIAL_NAMES = {
     "resize": "resize_max",
 }
 """Official knob -> retr knob (retr's one name for "keep keypoints scoring above this" is
-`keypoint_threshold`, as SuperPoint's and XFeat's): cvg/LightGlue's ALIKED (model_name "aliked-n16" is variant "n16",
-max_num_keypoints, detection_threshold, nms_radius, the preprocessing's resize) and the DKD of
-Shiaoming/ALIKED (top_k and n_limit, the cap in top-k and in threshold mode, scores_th,
-radius)."""
+`keypoint_threshold`, as SuperPoint's and XFeat's): cvg/LightGlue's ALIKED (model_name
+"aliked-n16" is variant "n16", max_num_keypoints, detection_threshold, nms_radius, the
+preprocessing's resize) and the DKD of Shiaoming/ALIKED (top_k and n_limit, the cap in top-k
+and in threshold mode, scores_th, radius)."""
 
 
 class AlikedConf(LocalConf):

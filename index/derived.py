@@ -21,8 +21,6 @@ from index.store import FeatureStore
 from index.vector_backends import VectorBackend
 from index.whitening import Whitening
 
-KINDS = ("pca", "learned")
-
 SaveFile = Callable[[str, Callable[[Path], object]], FileEntry]
 """(file name in the index root, writer of that path) -> its manifest entry."""
 

@@ -69,7 +69,7 @@ CONNECT_TIMEOUT_S = 10
 
 
 LOST_FEATURES = "features lost"
-"""How the reason of a row whose features a repair dropped starts (index.maintenance)."""
+"""How the reason of a row whose features a repair dropped starts (index.repair)."""
 
 
 class Status(str, enum.Enum):

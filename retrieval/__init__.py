@@ -7,7 +7,6 @@
 - `recognition`: the landmark vote.
 - `ingest`: the one ingest path (a file in, its outcome out); `building`, `updating`: build,
   add, remove and update on top of it.
-- `maintenance`: `retr index check` and `retr index repair`.
 - `api`: the Retriever facade; `cli`: the `retr` command.
 """
 

@@ -174,8 +174,8 @@ class Retriever:
         return self.snapshot().store.local_features(image_ids)
 
     def info(self) -> dict[str, Any]:
-        """What `retr index info` shows (index.maintenance.index_info)."""
-        from index.maintenance import index_info
+        """What `retr index info` shows (index.info.index_info)."""
+        from index.info import index_info
 
         return index_info(self.paths.root, db=self.config.db_url)
 

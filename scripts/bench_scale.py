@@ -43,8 +43,8 @@ from bench_index import per_second, synthetic  # noqa: E402
 
 from features.types import LocalFeatures  # noqa: E402
 from index.catalog import Catalog, RowChange, Status  # noqa: E402
+from index.info import index_info  # noqa: E402
 from index.layout import IndexConfig, IndexPaths  # noqa: E402
-from index.maintenance import index_info  # noqa: E402
 from index.manifest import Manifest, SegmentEntry, pack_ids  # noqa: E402
 from index.snapshot import IndexSnapshot  # noqa: E402
 from index.store import FeatureStore  # noqa: E402

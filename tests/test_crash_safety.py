@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from index.check import check_index
 from index.layout import IndexPaths
-from index.maintenance import check_index
 from index.manifest import Manifest
 from index.writer import IndexWriter
 from retrieval import Retriever

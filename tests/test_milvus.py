@@ -17,9 +17,10 @@ import pytest
 from typer.testing import CliRunner
 
 from features.core import ConfigError, IndexError_
+from index.check import check_index
 from index.layout import IndexConfig, IndexPaths
-from index.maintenance import check_index, repair_index
 from index.manifest import Manifest
+from index.repair import repair_index
 from index.snapshot import IndexSnapshot
 from index.store import FeatureStore
 from index.vector_backends.milvus import MilvusTarget, connect

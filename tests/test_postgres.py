@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 from features.core import IndexError_
 from index.catalog import LOOKUP_BATCH, Catalog, RowChange, Status
+from index.check import check_index
+from index.info import index_info
 from index.layout import IndexPaths
-from index.maintenance import check_index, index_info, repair_index
+from index.repair import repair_index
 from retrieval import Retriever
 from retrieval.building import build_index
 from retrieval.cli import app

@@ -18,8 +18,8 @@ import pytest
 
 from features.core import ConfigError
 from index.catalog import Catalog
+from index.check import check_index
 from index.layout import IndexPaths
-from index.maintenance import check_index
 from index.manifest import Manifest
 from index.store import FeatureStore
 from index.writer import IndexWriter

@@ -17,8 +17,8 @@ import pytest
 
 import index.store
 import index.writer
+from index.check import check_index
 from index.layout import IndexPaths
-from index.maintenance import check_index
 from index.manifest import Manifest
 from index.snapshot import IndexSnapshot
 from index.store import FeatureStore

@@ -13,9 +13,9 @@ import pytest
 from features.core import IndexLockedError, StoreMismatchError
 from features.types import LocalFeatures
 from index.catalog import Status
+from index.check import check_index
 from index.encoding import ProductQuantizer
 from index.layout import IndexConfig, IndexPaths
-from index.maintenance import check_index
 from index.manifest import Manifest, pack_ids, unpack_ids
 from index.segments import ImageFeatures, SegmentData, SegmentMeta, SegmentReader, write_segment
 from index.snapshot import IndexSnapshot

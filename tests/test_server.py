@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from features.core import ImageReadError
 from features.image import MAX_PIXELS, load_image
-from index.maintenance import index_info
+from index.info import index_info
 from retrieval import Retriever
 from retrieval.cli import app as cli_app
 from retrieval.search import result_json

@@ -281,7 +281,8 @@ def test_learned_whitening_is_published_kept_by_builds_and_reverted(tmp_path: Pa
 
 
 def test_a_lost_learned_whitening_is_found_and_repaired_to_pca(tmp_path: Path) -> None:
-    from index.maintenance import check_index, repair_index
+    from index.check import check_index
+    from index.repair import repair_index
 
     root = str(tmp_path / "idx")
     synthetic.run(root, "build", [f"g/{i}.jpg" for i in range(6)])

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from index.catalog import Catalog
+from index.check import check_index
 from index.layout import IndexPaths
-from index.maintenance import check_index
 from index.manifest import Manifest
 from index.store import FeatureStore
 from index.vectors import VectorIndex

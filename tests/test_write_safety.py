@@ -154,7 +154,7 @@ def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _state(root: Path) -> tuple[int, list[int], list[str]]:
-    from index.maintenance import check_index
+    from index.check import check_index
     from index.manifest import Manifest
 
     assert check_index(root, deep=True).ok
@@ -234,8 +234,8 @@ def test_repair_of_lost_whitening_and_vectors_gives_the_same_answers(
     tmp_path: Path, kind: str
 ) -> None:
     from index.layout import IndexPaths
-    from index.maintenance import repair_index
     from index.manifest import Manifest
+    from index.repair import repair_index
     from index.whitening import Whitening
     from index.writer import IndexWriter
 

@@ -117,7 +117,7 @@ def index_info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Counts, configuration and sizes on disk of an index."""
-    from index.maintenance import index_info as describe
+    from index.info import index_info as describe
 
     with cli_errors():
         info = describe(index, db=db)
@@ -214,7 +214,7 @@ def index_check(
     db: DbOpt = None,
 ) -> None:
     """Verify that catalog, feature segments, whitening and vector index agree (exit 1 if not)."""
-    from index.maintenance import check_index
+    from index.check import check_index
 
     with cli_errors():
         report = check_index(index, deep=deep, db=db)
@@ -235,7 +235,7 @@ def index_check(
 def index_repair(index: IndexOpt = DEFAULT_INDEX, db: DbOpt = None, wait: WaitOpt = None) -> None:
     """Rebuild what can be derived (config, manifest, catalog, whitening, vector index), drop
     damaged segments, and list the images to extract again (`retr index update` does it)."""
-    from index.maintenance import repair_index
+    from index.repair import repair_index
 
     with cli_errors():
         report = repair_index(index, db=db, wait=wait)

@@ -86,7 +86,7 @@ class Health(BaseModel):
 
 
 class IndexInfo(BaseModel):
-    """index.maintenance.index_info: what `retr index info --json` prints."""
+    """index.info.index_info: what `retr index info --json` prints."""
 
     model_config = ConfigDict(extra="allow")
 

@@ -6,7 +6,7 @@ recognitions and match pictures share one, index updates run one at a time on th
 writes are serialised inside the process (and across processes by the index's write lock) while
 searches keep running on the generation they started on. Every job is one library call:
 `Retriever.search`, `retrieval.pictures.result_picture`, `retrieval.updating.add_images` /
-`remove_images`, `index.maintenance.index_info`.
+`remove_images`, `index.info.index_info`.
 
 Uploaded images are decoded with `features.image.decode_bytes`, whose ImageReadError carries
 the one-line reason the CLI prints (naming the uploaded file); uploads for the index are stored

@@ -1,14 +1,5 @@
-"""`retr index check` and `retr index repair`: find and mend what a crash, a full disk or a stray
-edit did to an index.
-
-`check` verifies that the parts agree: every file the manifest names is there with its recorded
-size (and, `deep`, its recorded SHA-256, and every segment column readable); segments hold the
-ids and fingerprints the manifest says; the vector index holds exactly the live ids, whitened to
-the whitening's dimension; the catalog has a row for every live image and no `indexed` row
-without features (and, `deep`, passes SQLite's integrity check). Each problem is one line naming
-the file and the command that fixes it.
-
-`repair` (under the write lock) rebuilds whatever can be derived and reports what cannot:
+"""`retr index repair` (under the write lock): rebuild whatever can be derived after a crash, a
+full disk or a stray edit, and report what cannot (index.check finds the problems):
 - retr.json from the manifest's copy; the manifest from the segment files (each names its ids,
   hashes, paths and labels; the newest copy of an id wins; the catalog, when sound, decides which
   images still exist);
@@ -17,7 +8,8 @@ the file and the command that fixes it.
 - a damaged segment is dropped, and the images only it held are listed: their rows turn
   `pending`, and `retr index update` (or a build) extracts them again;
 - the whitening is refitted if it is damaged, the vector index rebuilt if it is damaged or
-  disagrees with the live ids; files no manifest names are deleted.
+  disagrees with the live ids (index.derived, as a build derives them); files no manifest names
+  are deleted.
 """
 
 from __future__ import annotations
@@ -34,14 +26,15 @@ import numpy as np
 
 from features.core import IndexError_, RetrError, file_sha256
 from index.catalog import LOST_FEATURES, Catalog, CatalogUnreachableError, ImageRecord, Status
+from index.check import _file_problem
 from index.derived import derive, whitenings
 from index.encoding import ProductQuantizer
 from index.layout import IndexConfig, IndexPaths, parse_config
 from index.lock import WriteLock
-from index.manifest import FileEntry, Manifest, SegmentEntry, owned_file, pack_ids, unpack_ids
-from index.segments import SEGMENTS_DIR, SegmentReader
+from index.manifest import FileEntry, Manifest, SegmentEntry, pack_ids, unpack_ids
+from index.segments import SegmentReader
 from index.store import FeatureStore
-from index.vector_backends import mask_store, vector_backend
+from index.vector_backends import vector_backend
 from index.whitening import Whitening
 from index.writer import IndexWriter
 
@@ -51,229 +44,10 @@ T = TypeVar("T")
 
 
 @dataclass
-class CheckReport:
-    problems: list[str] = field(default_factory=list)
-    """One line each: what is wrong, where, and the command that fixes it."""
-    notes: list[str] = field(default_factory=list)
-    """Facts that need no repair (an unfinished build, leftovers the next writer deletes)."""
-    images: int = 0
-    segments: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-
-@dataclass
 class RepairReport:
     actions: list[str] = field(default_factory=list)
     reextract: list[str] = field(default_factory=list)
     """Catalog paths whose features were lost: `retr index update` extracts them again."""
-
-
-# --- check -------------------------------------------------------------------------------------
-
-
-def check_index(index_dir: str | Path, deep: bool = False, db: str | None = None) -> CheckReport:
-    """Verify an index without changing it (see the module docstring)."""
-    paths = IndexPaths(index_dir)
-    report = CheckReport()
-    fix = paths.repair_hint()
-    if not paths.exists():
-        paths.read_config()  # raises "not a retr index"
-    try:
-        manifest = Manifest.load(paths.root)
-    except IndexError_ as exc:
-        report.problems.append(str(exc))
-        return report
-    config = _check_config(paths, manifest, report)
-    live = manifest.live_ids()
-    report.images, report.segments = len(live), len(manifest.segments)
-    _check_files(paths, manifest, deep, report)
-    _check_segments(paths, manifest, deep, report)
-    if manifest.published and config is not None:
-        _check_vectors(paths, manifest, config, live, report)
-    if manifest.pending:
-        waiting = sum(len(s.live_ids()) for s in manifest.pending)
-        report.notes.append(
-            f"an unfinished build or add left {waiting} extracted images in "
-            f"{len(manifest.pending)} pending segments; `retr index build` finishes it"
-        )
-    if config is not None:
-        _check_catalog(paths, manifest, config, db, deep, live, report)
-    orphans = _orphans(paths, manifest)
-    if orphans:
-        report.notes.append(
-            f"{len(orphans)} files no manifest names (left by a killed writer; the next write "
-            f"deletes them): {', '.join(orphans[:3])}{'...' if len(orphans) > 3 else ''}"
-        )
-    if not report.ok:
-        report.notes.append(f"to fix: {fix}")
-    return report
-
-
-def _check_config(paths: IndexPaths, manifest: Manifest, report: CheckReport) -> IndexConfig | None:
-    try:
-        stored = parse_config(manifest.config)
-    except ValueError as exc:
-        report.problems.append(f"{paths.manifest}: bad config copy ({exc}); {paths.repair_hint()}")
-        return None
-    try:
-        on_disk = paths.read_config()
-    except IndexError_ as exc:
-        report.problems.append(str(exc))
-        return stored
-    if on_disk != stored:
-        report.problems.append(
-            f"{paths.config} disagrees with the manifest's copy; {paths.repair_hint()}"
-        )
-    return stored
-
-
-def _check_files(paths: IndexPaths, manifest: Manifest, deep: bool, report: CheckReport) -> None:
-    entries: list[FileEntry] = list(manifest.segments + manifest.pending)
-    derived = (manifest.whitening, manifest.whitening_other, manifest.vectors, manifest.codec)
-    entries += [e for e in derived if e]
-    for entry in entries:
-        rel = f"{SEGMENTS_DIR}/{entry.name}" if isinstance(entry, SegmentEntry) else entry.name
-        problem = _file_problem(paths.root / rel, entry, deep)
-        if problem:
-            report.problems.append(f"{paths.root / rel} {problem}; {paths.repair_hint()}")
-
-
-def _file_problem(path: Path, entry: FileEntry, deep: bool) -> str | None:
-    if not path.is_file():
-        return "is missing"
-    size = path.stat().st_size
-    if size != entry.bytes:
-        return f"has {size} bytes, the manifest recorded {entry.bytes}"
-    if deep and file_sha256(path) != entry.sha256:
-        return "does not match its recorded SHA-256 (its content changed)"
-    return None
-
-
-def _check_segments(paths: IndexPaths, manifest: Manifest, deep: bool, report: CheckReport) -> None:
-    fps = (manifest.global_fingerprint, manifest.local_fingerprint)
-    for entry in manifest.segments + manifest.pending:
-        path = paths.segments / entry.name
-        if not path.is_file():
-            continue  # reported by _check_files
-        try:
-            reader = SegmentReader(path, mapped=False)
-        except (RetrError, OSError) as exc:
-            report.problems.append(f"{exc}")
-            continue
-        try:
-            if not np.array_equal(reader.ids, unpack_ids(entry.ids)):
-                report.problems.append(
-                    f"{path} holds other ids than the manifest lists; {paths.repair_hint()}"
-                )
-            if (reader.meta.global_fingerprint, reader.meta.local_fingerprint) != fps:
-                report.problems.append(
-                    f"{path} was written by other extractors than the "
-                    f"index's; {paths.repair_hint()}"
-                )
-            if deep:
-                reader.data()  # every column read back
-        except (RetrError, OSError, ValueError) as exc:
-            report.problems.append(f"{path}: unreadable columns ({exc}); {paths.repair_hint()}")
-        finally:
-            reader.close()
-
-
-def _check_vectors(
-    paths: IndexPaths,
-    manifest: Manifest,
-    config: IndexConfig,
-    live: np.ndarray,
-    report: CheckReport,
-) -> None:
-    """The vector backend's own check (index.vector_backends) against the live ids."""
-    assert manifest.whitening is not None
-    try:
-        whitening = Whitening.load(paths.root / manifest.whitening.name)
-        backend = vector_backend(paths.root, config.vector_store, config.index_type)
-    except RetrError as exc:
-        report.problems.append(str(exc))
-        return
-    try:
-        problems = backend.check(manifest, live, whitening.dim)
-    finally:
-        backend.close()
-    hint = paths.repair_hint()
-    report.problems += [p if p.endswith(hint) else f"{p}; {hint}" for p in problems]
-    if manifest.vector_intent:
-        report.notes.append(
-            f"an interrupted publish left {len(unpack_ids(manifest.vector_intent))} vectors in "
-            f"{backend.where(manifest)} ahead of its commit; the next write puts them back"
-        )
-
-
-def _check_catalog(
-    paths: IndexPaths,
-    manifest: Manifest,
-    config: IndexConfig,
-    db: str | None,
-    deep: bool,
-    live: np.ndarray,
-    report: CheckReport,
-) -> None:
-    url = db or paths.db_url(config)
-    try:
-        catalog = Catalog(url, hint=paths.repair_hint())
-        if deep:
-            for line in catalog.integrity_problems()[:3]:
-                report.problems.append(f"catalog {catalog.shown}: {line}; {paths.repair_hint()}")
-        records = {r.id: r for r in catalog.all()}
-    except IndexError_ as exc:
-        report.problems.append(str(exc))
-        return
-    finally:
-        if "catalog" in locals():
-            catalog.dispose()
-    rowless = [int(i) for i in live if int(i) not in records]
-    if rowless:
-        report.problems.append(
-            f"{len(rowless)} indexed images have no catalog row (ids {rowless[:5]}); "
-            f"{paths.repair_hint()}"
-        )
-    live_set = set(live.tolist())
-    waiting = set(manifest.live_map(include_pending=True)) - live_set
-    deleting = set(unpack_ids(manifest.catalog_deletes).tolist())
-    if deleting:
-        report.notes.append(
-            f"{len(deleting)} removed images still have catalog rows; the next write deletes them"
-        )
-    accounted = live_set | waiting | deleting
-    lost = [
-        r.path for r in records.values() if r.status == Status.INDEXED and r.id not in accounted
-    ]
-    if lost:
-        report.problems.append(
-            f"{len(lost)} catalog rows say indexed but have no features (first: {lost[0]}); "
-            f"{paths.repair_hint()}"
-        )
-    pending = [r for r in records.values() if r.status == Status.PENDING and r.id not in live_set]
-    if pending:
-        report.notes.append(
-            f"{len(pending)} images wait for extraction (first: {pending[0].path}); "
-            "`retr index build` or `retr index update` extracts them"
-        )
-
-
-def _orphans(paths: IndexPaths, manifest: Manifest) -> list[str]:
-    keep = set(manifest.files()) | set(manifest.previous_files)
-    found = []
-    for folder in (paths.root, paths.segments):
-        if folder.is_dir():
-            for p in folder.iterdir():
-                rel = p.relative_to(paths.root).as_posix()
-                if p.is_file() and owned_file(rel) and rel not in keep:
-                    found.append(rel)
-    return sorted(found)
-
-
-# --- repair ------------------------------------------------------------------------------------
 
 
 def repair_index(
@@ -628,50 +402,3 @@ def _load_or_none(
 
 def _entry(path: Path) -> FileEntry:
     return FileEntry(name=path.name, bytes=path.stat().st_size, sha256=file_sha256(path))
-
-
-# --- info --------------------------------------------------------------------------------------
-
-
-def index_info(index_dir: str | Path, db: str | None = None) -> dict[str, object]:
-    """What `retr index info` shows: configuration (password masked), generation, catalog
-    counts by status (one GROUP BY), vectors, segments and bytes on disk. Reads the manifest and
-    the catalog only (never the vector index), so it is fast at any size."""
-    from index.catalog import mask_url
-
-    paths = IndexPaths(index_dir)
-    if not paths.exists():
-        paths.read_config()  # raises "not a retr index"
-    manifest = Manifest.load(paths.root)
-    config = parse_config(manifest.config)
-    if db:
-        config = config.model_copy(update={"db_url": db})
-    catalog = Catalog(paths.db_url(config), hint=paths.repair_hint())
-    try:
-        counts = catalog.status_counts()
-    finally:
-        catalog.dispose()
-    shown = config.model_dump()
-    if shown.get("db_url"):
-        shown["db_url"] = mask_url(shown["db_url"])
-    if shown.get("vector_store"):
-        shown["vector_store"] = mask_store(shown["vector_store"])
-    sizes = {"segments": sum(s.bytes for s in manifest.segments + manifest.pending)}
-    for entry in (manifest.vectors, manifest.whitening, manifest.codec):
-        if entry is not None:
-            sizes[entry.name.split("-")[0]] = entry.bytes
-    if manifest.whitening_other is not None:
-        sizes["inactive whitening"] = manifest.whitening_other.bytes
-    if paths.catalog.is_file():
-        sizes["catalog"] = paths.catalog.stat().st_size
-    return {
-        "index": str(paths.root),
-        "generation": manifest.generation,
-        "config": shown,
-        "images": counts,
-        "vectors": manifest.vector_count,
-        "collection": manifest.collection.name if manifest.collection else None,
-        "segments": len(manifest.segments),
-        "pending": sum(len(s.live_ids()) for s in manifest.pending),
-        "bytes": sizes,
-    }

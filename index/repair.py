@@ -350,7 +350,7 @@ def _rebuild_derived(
             else:
                 derive(
                     paths.root, manifest, store, backend, gen, _save_entry(paths),
-                    shrinkage=config.whitening_shrinkage, dim=_global_dim(store),
+                    shrinkage=config.whitening_shrinkage, dim=1,  # dim: an empty store only
                     refit=refit, available=sound,
                 )  # fmt: skip
                 if refit:
@@ -372,12 +372,6 @@ def _save_entry(paths: IndexPaths) -> Callable[[str, Callable[[Path], object]], 
         return _entry(paths.root / name)
 
     return save
-
-
-def _global_dim(store: FeatureStore) -> int:
-    """The global descriptors' length (1 for an empty store: only the identity's size)."""
-    ids = store.ids()
-    return int(store.global_descriptors(ids[:1]).shape[1]) if len(ids) else 1
 
 
 def _file_sound(paths: IndexPaths, entry: FileEntry | None) -> bool:

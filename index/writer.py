@@ -334,8 +334,10 @@ class IndexWriter:
         commit (an update's files that are gone), so that a kill leaves all of it or none."""
         m = self.manifest
         report = PublishReport(refit=refit or not m.published)
+        if not remove:  # the common case: the writer's current view serves as it is
+            return self._publish(m, report, tombstone, compact)
         self._removing = np.unique(np.asarray(list(remove), np.int64))
-        self._invalidate()
+        self._invalidate()  # the view leaves the removed ids out (`view`)
         try:
             return self._publish(m, report, tombstone, compact)
         finally:
